@@ -1,0 +1,122 @@
+"""`megaclass registry`: publish checkpoints as immutable versions, move aliases, resolve URIs.
+
+    megaclass registry publish runs/r1/final --name resnet-web --alias candidate
+    megaclass registry list
+    megaclass registry show resnet-web/3            (or resnet-web@production, or resnet-web)
+    megaclass registry alias resnet-web production 3 --expect 2
+    megaclass registry resolve registry://resnet-web@production
+    megaclass registry verify resnet-web
+
+The root is `--registry URL`, else $MEGACLASS_REGISTRY, else ~/.local/share/megaclass/registry.
+Registry errors (bad name, missing version, failed checksum) print one line naming the field or
+file and exit 1; a lost alias compare-and-swap exits 3; `verify` exits 1 when a version fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.registry import AliasConflict, Registry, RegistryError, parse_ref
+
+NAME = "registry"
+HELP = "publish checkpoints to the model registry; list, show, alias, resolve, verify versions"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="URL", default=None,
+                        help="registry root (fsspec URL; default $MEGACLASS_REGISTRY or "
+                             "~/.local/share/megaclass/registry)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = actions.add_parser("publish", parents=[common], help="copy a checkpoint into a new version")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (contract 2), any fsspec URL")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--alias", default=None, help="also point this alias at the new version")
+
+    actions.add_parser("list", parents=[common], help="models, versions and aliases")
+
+    p = actions.add_parser("show", parents=[common], help="lineage of one version")
+    p.add_argument("ref", metavar="NAME[/VERSION|@ALIAS]")
+
+    p = actions.add_parser("alias", parents=[common], help="point an alias at a version (compare-and-swap)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("version", metavar="VERSION", type=int)
+    p.add_argument("--expect", metavar="V", default=None,
+                   help="only if the alias now points at version V ('none': only if it is unset)")
+
+    p = actions.add_parser("resolve", parents=[common], help="print a verified local folder for a URI")
+    p.add_argument("uri", metavar="URI", help="registry://NAME@ALIAS or registry://NAME/VERSION")
+
+    p = actions.add_parser("verify", parents=[common], help="recompute every sha256")
+    p.add_argument("ref", metavar="NAME[/VERSION|@ALIAS]")
+
+
+def _print(args: argparse.Namespace, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True) if args.json else text)
+
+
+def _show_text(info: dict) -> str:
+    lines = [f"{info['name']}/{info['version']}  ({', '.join(info['aliases']) or 'no aliases'})"]
+    for key in ("created", "run", "architecture", "num_classes", "step", "epoch",
+                "dataset_manifest_sha256", "code_revision", "source_url"):
+        lines.append(f"  {key:24s} {info.get(key)}")
+    for key, value in sorted((info.get("metrics") or {}).items()):
+        lines.append(f"  metric {key:17s} {value}")
+    for rel, entry in sorted(info["files"].items()):
+        lines.append(f"  file {rel:19s} {entry['bytes']:>12d} B  sha256 {entry['sha256'][:16]}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    reg = Registry(args.registry)
+    if args.action == "publish":
+        version = reg.publish(args.checkpoint, args.name, alias=args.alias)
+        _print(args, {"name": args.name, "version": version, "uri": f"registry://{args.name}/{version}"},
+               f"published registry://{args.name}/{version}" + (f" (alias {args.alias})" if args.alias else ""))
+    elif args.action == "list":
+        models = reg.list()
+        text = "\n".join(f"{m['name']}: versions {','.join(map(str, m['versions'])) or '-'}; latest {m['latest']}; "
+                         + ", ".join(f"{a}={v}" for a, v in sorted(m["aliases"].items())) for m in models)
+        _print(args, models, text or f"no models in {reg.root_url}")
+    elif args.action == "show":
+        info = reg.show(*parse_ref(args.ref))
+        _print(args, info, _show_text(info))
+    elif args.action == "alias":
+        expected = None
+        if args.expect is not None:
+            if args.expect.lower() in ("none", "unset", "0"):
+                expected = 0
+            elif args.expect.isdigit():
+                expected = int(args.expect)
+            else:
+                raise RegistryError(f"--expect: {args.expect!r} is not a version number or 'none'")
+        aliases = reg.set_alias(args.name, args.alias, args.version, expected=expected)
+        _print(args, aliases, f"{args.name}@{args.alias} -> {args.version}")
+    elif args.action == "resolve":
+        path = reg.resolve(args.uri)
+        _print(args, {"uri": args.uri, "path": path}, path)
+    elif args.action == "verify":
+        name, version, alias = parse_ref(args.ref)
+        if alias is not None:
+            version = reg.lookup(name, alias=alias)
+        report = reg.verify(name, version)
+        _print(args, {str(v): p for v, p in report.items()},
+               "\n".join(f"{name}/{v}: " + ("OK" if not p else "FAILED: " + "; ".join(p)) for v, p in report.items()))
+        return 1 if any(report.values()) else 0
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except AliasConflict as exc:
+        print(f"megaclass registry: conflict: {exc}", file=sys.stderr)
+        return 3
+    except RegistryError as exc:
+        print(f"megaclass registry: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,218 @@
+"""The model registry (contract 3): versions, aliases, resolution, integrity, concurrency."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cluster.cli import main
+from cluster.registry import AliasConflict, Registry, RegistryError, resolve_checkpoint_uri
+
+
+def _write_checkpoint(folder: Path, seed: int = 0, with_train_state: bool = True) -> Path:
+    """A contract-2 checkpoint folder: config.json, model.safetensors, classes.parquet, SHA256SUMS."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"fc.weight": torch.randn(4, 8, generator=gen), "fc.bias": torch.zeros(4)},
+              str(folder / "model.safetensors"))
+    config = {"architecture": "resnet18", "num_classes": 4, "num_features": 8,
+              "pretrained_cfg": {"input_size": [3, 32, 32]}, "label_names": list("abcd"),
+              "megaclass": {"format_version": 1, "step": 10 + seed, "epoch": 1, "run": f"run{seed}",
+                            "dataset_manifest_sha256": "d" * 64, "config": {"train": {"max_steps": 10}},
+                            "metrics": {"top1": 0.5}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    pq.write_table(pa.table({"id": pa.array(range(4), pa.int32()), "name": list("abcd")}),
+                   folder / "classes.parquet")
+    if with_train_state:
+        (folder / "train_state").mkdir()
+        (folder / "train_state" / "optim.bin").write_bytes(os.urandom(64))
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}\n"
+             for p in sorted(folder.rglob("*")) if p.is_file()]
+    (folder / "SHA256SUMS").write_text("".join(lines))
+    return folder
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    return _write_checkpoint(tmp_path / "run" / "step-00000010")
+
+
+@pytest.fixture
+def memory_registry():
+    root = f"memory://reg-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_publish_list_show_resolve_memory(ckpt, memory_registry, tmp_path):
+    reg = Registry(memory_registry, cache_dir=str(tmp_path / "cache"))
+    assert reg.publish(str(ckpt), "tiny") == 1
+    assert reg.publish(str(ckpt), "tiny", alias="production") == 2
+    assert reg.list() == [{"name": "tiny", "versions": [1, 2], "latest": 2, "aliases": {"production": 2}}]
+    info = reg.show("tiny", 1)
+    assert info["run"] == "run0" and info["dataset_manifest_sha256"] == "d" * 64
+    assert info["metrics"] == {"top1": 0.5} and info["config"] == {"train": {"max_steps": 10}}
+    assert info["code_revision"] and info["created"]
+    assert sorted(info["files"]) == ["SHA256SUMS", "classes.parquet", "config.json", "model.safetensors"]
+    assert info["aliases"] == []
+
+    path = Path(reg.resolve("registry://tiny@production"))
+    assert path.is_relative_to(tmp_path / "cache") and not (path / "train_state").exists()
+    # The published SHA256SUMS no longer lists train_state/, so the folder verifies as a checkpoint.
+    sums = (path / "SHA256SUMS").read_text()
+    assert "train_state" not in sums and sums.count("\n") == 3
+    assert torch.equal(load_file(str(path / "model.safetensors"))["fc.weight"],
+                       load_file(str(ckpt / "model.safetensors"))["fc.weight"])
+    assert reg.resolve("registry://tiny/1") != str(path)
+    assert reg.resolve("registry://tiny@latest") == str(path)
+    assert reg.verify("tiny") == {1: [], 2: []}
+
+
+def test_local_resolve_and_pass_through(ckpt, tmp_path):
+    root = str(tmp_path / "reg")
+    Registry(root).publish(str(ckpt), "tiny")
+    path = resolve_checkpoint_uri("registry://tiny/1", registry_root=root)
+    assert path == str(tmp_path / "reg" / "tiny" / "versions" / "000001")
+    assert resolve_checkpoint_uri(str(ckpt), registry_root=root) == str(ckpt)
+    assert resolve_checkpoint_uri("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_tampered_file_refused(ckpt, tmp_path):
+    reg = Registry(str(tmp_path / "reg"))
+    reg.publish(str(ckpt), "tiny")
+    weights = tmp_path / "reg" / "tiny" / "versions" / "000001" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="model.safetensors: sha256/size mismatch"):
+        reg.resolve("registry://tiny/1")
+    assert reg.verify("tiny", 1)[1][0].startswith("model.safetensors")
+    assert main(["registry", "verify", "tiny/1", "--registry", str(tmp_path / "reg")]) == 1
+
+
+def test_damaged_checkpoint_not_published(ckpt, tmp_path):
+    (ckpt / "classes.parquet").write_bytes(b"not what SHA256SUMS says")
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(RegistryError, match="classes.parquet: sha256"):
+        reg.publish(str(ckpt), "tiny")
+    assert reg.versions("tiny") == []
+    assert not list((tmp_path / "reg" / "tiny" / ".staging").iterdir())
+
+
+def test_partial_version_invisible(ckpt, tmp_path):
+    reg = Registry(str(tmp_path / "reg"))
+    reg.publish(str(ckpt), "tiny")
+    reg.publish(str(ckpt), "tiny")
+    (tmp_path / "reg" / "tiny" / "versions" / "000002" / "version.json").unlink()
+    assert reg.versions("tiny") == [1] and reg.latest("tiny") == 1
+    assert reg.resolve("registry://tiny@latest").endswith("000001")
+    with pytest.raises(RegistryError, match="no version.json: an incomplete publish"):
+        reg.resolve("registry://tiny/2")
+    assert reg.publish(str(ckpt), "tiny") == 3  # a claimed number is never reused
+
+
+@pytest.mark.parametrize("name, field", [("../evil", "name"), ("a/b", "name"), ("..", "name"),
+                                         ("", "name"), ("x" * 129, "name")])
+def test_bad_names_refused(ckpt, tmp_path, name, field):
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(RegistryError, match=f"^{field}: "):
+        reg.publish(str(ckpt), name)
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "reg").exists()
+
+
+def test_bad_alias_and_uri_refused(ckpt, tmp_path):
+    reg = Registry(str(tmp_path / "reg"))
+    reg.publish(str(ckpt), "tiny")
+    with pytest.raises(RegistryError, match="^alias: "):
+        reg.set_alias("tiny", "../../x", 1)
+    with pytest.raises(RegistryError, match="^alias: 'latest' is computed"):
+        reg.set_alias("tiny", "latest", 1)
+    with pytest.raises(RegistryError, match="^uri alias: "):
+        reg.resolve("registry://tiny@a/../b")
+    with pytest.raises(RegistryError, match="^uri version: "):
+        reg.resolve("registry://tiny/../../etc")
+
+
+def test_alias_compare_and_swap(ckpt, tmp_path):
+    reg = Registry(str(tmp_path / "reg"))
+    for _ in range(3):
+        reg.publish(str(ckpt), "tiny")
+    assert reg.set_alias("tiny", "production", 1, expected=0) == {"production": 1}
+    assert reg.set_alias("tiny", "production", 2, expected=1) == {"production": 2}
+    with pytest.raises(AliasConflict, match="expected 1, but it is 2"):
+        reg.set_alias("tiny", "production", 3, expected=1)
+    with pytest.raises(AliasConflict):
+        reg.set_alias("tiny", "production", 3, expected=0)
+    assert reg.aliases("tiny") == {"production": 2}
+    with pytest.raises(RegistryError, match="no such version"):
+        reg.set_alias("tiny", "production", 9)
+    root = str(tmp_path / "reg")
+    assert main(["registry", "alias", "tiny", "production", "3", "--expect", "1", "--registry", root]) == 3
+    assert main(["registry", "alias", "tiny", "production", "3", "--expect", "2", "--registry", root]) == 0
+    assert reg.show("tiny", alias="production")["version"] == 3
+
+
+def _publish_worker(args):
+    root, ckpt, barrier = args
+    barrier.wait()
+    return Registry(root).publish(ckpt, "tiny")
+
+
+def _alias_worker(args):
+    root, alias, barrier = args
+    barrier.wait()
+    return Registry(root).set_alias("tiny", alias, 1)
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    root = str(tmp_path / "reg")
+    ckpts = [str(_write_checkpoint(tmp_path / f"c{i}", seed=i)) for i in range(8)]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(8)
+        with ctx.Pool(8) as pool:
+            versions = pool.map(_publish_worker, [(root, c, barrier) for c in ckpts])
+        assert sorted(versions) == list(range(1, 9))
+        reg = Registry(root)
+        assert reg.versions("tiny") == list(range(1, 9))
+        assert reg.verify("tiny") == {v: [] for v in range(1, 9)}
+        # Each version holds the weights of the publisher that got that number: none overwritten.
+        for ckpt, version in zip(ckpts, versions):
+            assert reg.show("tiny", version)["source_url"] == ckpt
+            published = Path(reg.resolve(f"registry://tiny/{version}")) / "model.safetensors"
+            assert published.read_bytes() == (Path(ckpt) / "model.safetensors").read_bytes()
+        # Concurrent alias writers: the lock serialises them, no update is lost.
+        barrier = manager.Barrier(6)
+        with ctx.Pool(6) as pool:
+            pool.map(_alias_worker, [(root, f"a{i}", barrier) for i in range(6)])
+        assert reg.aliases("tiny") == {f"a{i}": 1 for i in range(6)}
+
+
+def test_cli_publish_list_show_resolve(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEGACLASS_REGISTRY", str(tmp_path / "reg"))
+    assert main(["registry", "publish", str(ckpt), "--name", "tiny", "--alias", "candidate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "tiny", "version": 1, "uri": "registry://tiny/1"}
+    assert main(["registry", "list"]) == 0
+    assert capsys.readouterr().out.strip() == "tiny: versions 1; latest 1; candidate=1"
+    assert main(["registry", "show", "tiny@candidate"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny/1  (candidate, latest)") and "metric top1" in out
+    assert main(["registry", "resolve", "registry://tiny@candidate"]) == 0
+    assert Path(capsys.readouterr().out.strip(), "model.safetensors").is_file()
+    assert main(["registry", "verify", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == "tiny/1: OK"
+    assert main(["registry", "resolve", "registry://nope@x"]) == 1
+    assert "registry://nope@x: no such alias" in capsys.readouterr().err

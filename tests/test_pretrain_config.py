@@ -1,0 +1,66 @@
+"""The pretrain config: every shipped config loads, DESIGN.md keys exist, bad values name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.config import ConfigError, to_dict
+from pretrain.config import load_pretrain_config
+from pretrain.models import resolve_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("pretrain_*.yaml"))
+DESIGN_KEYS = """data.url data.image_size data.num_workers model.arch train.global_batch_size train.max_steps
+train.precision train.seed loss.label_smoothing loss.mixup loss.cutmix checkpoint.url checkpoint.every_steps
+checkpoint.keep scaling.num_workers scaling.use_gpu scaling.max_failures""".split()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_config_loads(path):
+    assert path.read_text().startswith("# "), "a config starts with a comment saying what it trains"
+    cfg = load_pretrain_config(path)
+    assert resolve_arch(cfg.model.arch).arch
+    assert cfg.batch_size_per_rank * cfg.scaling.num_workers * cfg.train.grad_accum_steps == cfg.train.global_batch_size
+
+
+def test_at_least_the_six_presets_and_tiny_are_shipped():
+    names = {p.name for p in SHIPPED}
+    assert {"pretrain_tiny.yaml", "pretrain_resnet50d.yaml", "pretrain_efficientnet_b0_small.yaml",
+            "pretrain_resnext101_32x16d.yaml", "pretrain_res2net101d.yaml"} <= names
+
+
+def test_design_keys_exist():
+    flat = to_dict(load_pretrain_config(overrides=["data.url=/d", "checkpoint.url=/r"]))
+    for key in DESIGN_KEYS:
+        section, name = key.split(".")
+        assert name in flat[section], key
+
+
+@pytest.mark.parametrize("override, field_name", [
+    ("train.global_batch_size=10", "train.global_batch_size"),  # 10 % (4 workers * 1) != 0
+    ("train.precision=fp16", "train.precision"),
+    ("loss.mixup=1.5", "loss.mixup"),
+    ("optim.name=adam9", "optim.name"),
+    ("checkpoint.keep=0", "checkpoint.keep"),
+    ("data.image_size=abc", "data.image_size"),
+    ("train.nope=1", "train.nope"),
+])
+def test_bad_value_names_field(override, field_name):
+    base = ["data.url=/d", "checkpoint.url=/r", "scaling.num_workers=4", "train.global_batch_size=16"]
+    with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
+        load_pretrain_config(overrides=base + [override])
+
+
+def test_batch_divisibility_mentions_workers_and_accum():
+    with pytest.raises(ConfigError, match="scaling.num_workers \\* train.grad_accum_steps"):
+        load_pretrain_config(overrides=["data.url=/d", "checkpoint.url=/r", "scaling.num_workers=2",
+                                        "train.grad_accum_steps=3", "train.global_batch_size=8"])
+
+
+def test_missing_urls_fail():
+    with pytest.raises(ConfigError, match="checkpoint.url"):
+        load_pretrain_config(overrides=["data.url=/d"])
+    with pytest.raises(ConfigError, match="data.url"):
+        load_pretrain_config(overrides=["checkpoint.url=/r"])

@@ -1,0 +1,113 @@
+"""Run ingestion on Ray: one task per shard, retried on failure, progress as tasks complete.
+
+    manifest = run_ingest("urls.parquet", "s3://bucket/ds", cfg)
+
+`data_pipeline.ingest` does the work as pure functions; this module only schedules them.
+Without `runtime.ray_address` a local Ray is started for the command (and stopped after);
+with it, the driver joins that cluster. An already initialised Ray (tests, `megaclass submit`)
+is used as it is. Committed shards are skipped inside the task, so a re-run after any crash
+resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+
+import ray
+from tqdm import tqdm
+
+from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize, plan_shards,
+                                  summary_table, write_shard)
+
+log = logging.getLogger(__name__)
+
+# Allocator settings that keep decode from paying page faults (PERFORMANCE.md), for every worker.
+WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
+              "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+@contextlib.contextmanager
+def ray_for_command(address: str | None):
+    """Use an initialised Ray, join `address`, or start a local one for the command's lifetime."""
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs = {"address": address} if address else {"include_dashboard": False}
+    ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@ray.remote(num_cpus=1)
+def _write_shard_task(task, cfg: IngestConfig) -> ShardResult:
+    return write_shard(task, cfg)
+
+
+class _Progress:
+    """rows/s, ok % and ETA, fed as shard tasks complete (rows of a shard arrive together)."""
+
+    def __init__(self, total_rows: int, enabled: bool):
+        self.bar = tqdm(total=total_rows, unit="row", dynamic_ncols=True, disable=not enabled,
+                        file=sys.stderr, smoothing=0.1)
+        self.ok = 0
+        self.attempted = 0
+        self.resumed = 0
+
+    def update(self, result: ShardResult) -> None:
+        self.ok += result.status_counts.get("ok", 0)
+        self.attempted += result.status_counts.get("ok", 0) + result.status_counts.get("failed", 0)
+        self.resumed += int(result.skipped_existing)
+        ok_pct = 100.0 * self.ok / self.attempted if self.attempted else 0.0
+        self.bar.set_postfix_str(f"ok {ok_pct:.1f}% shards resumed {self.resumed}", refresh=False)
+        self.bar.update(result.num_rows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_plan(plan: IngestPlan, cfg: IngestConfig) -> list[ShardResult]:
+    """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight."""
+    remote = _write_shard_task.options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])  # transient storage errors; worker deaths are always retried
+    cfg_ref = ray.put(cfg)
+    max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+    progress = _Progress(plan.num_rows, cfg.runtime.progress)
+    results: list[ShardResult] = []
+    pending = []
+    next_task = 0
+    try:
+        while next_task < plan.num_tasks or pending:
+            # Submit lazily: each task carries its own rows, so the driver never ships the whole plan at once.
+            while next_task < plan.num_tasks and len(pending) < max_in_flight:
+                pending.append(remote.remote(plan.task(next_task), cfg_ref))
+                next_task += 1
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                result = ray.get(ref)
+                results.append(result)
+                progress.update(result)
+    finally:
+        progress.close()
+    return results
+
+
+def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
+    """Plan, run every shard task, finalize; returns the manifest. Prints the summary table."""
+    start = time.monotonic()
+    plan = plan_shards(source_url, out_url, cfg)
+    log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
+             plan.num_tasks, ", ".join(plan.splits))
+    check_out_location(plan)
+    with ray_for_command(cfg.runtime.ray_address):
+        results = run_plan(plan, cfg)
+    manifest = finalize(plan, results, cfg)
+    elapsed = time.monotonic() - start
+    print(summary_table(manifest["totals"]))
+    print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
+    return manifest

@@ -1,0 +1,137 @@
+"""Turn downloaded bytes into the stored image: checked, oriented, RGB, resized, JPEG.
+
+    result = process_image(data, ImageOptions(image_size=256))
+    result.jpg, result.width, result.height   # or result.reason ("not_an_image", "too_small", ...)
+
+Order matters for cost and safety: the header is parsed first and the pixel count refused
+*before* any decoding (decompression bombs), large JPEGs are decoded DCT-scaled (`draft`) close
+to the target size, and an RGB baseline JPEG that already fits is stored byte for byte (its
+entropy data is still decoded at 1/8 scale to detect truncation, which costs little).
+Reasons: `not_an_image`, `too_many_pixels`, `too_small`, `truncated`, `decode_error`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+EXIF_ORIENTATION = 0x0112
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    image_size: int = 256          # px, the stored shorter side at most (never upscaled)
+    min_side: int = 16             # px, smaller images are refused
+    max_pixels: int = 64_000_000   # width*height above this is refused before decoding
+    jpeg_quality: int = 90
+    keep_original: bool = True     # store qualifying JPEG bytes untouched
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    jpg: bytes | None
+    reason: str = ""
+    width: int = 0                 # stored size
+    height: int = 0
+    original_width: int = 0        # as displayed (after EXIF orientation), before resizing
+    original_height: int = 0
+
+
+def _failed(reason: str, width: int = 0, height: int = 0) -> ProcessedImage:
+    return ProcessedImage(None, reason, original_width=width, original_height=height)
+
+
+def target_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side at most `image_size`, aspect kept, never upscaled."""
+    short = min(width, height)
+    if short <= image_size:
+        return width, height
+    scale = image_size / short
+    if width <= height:
+        return image_size, max(1, round(height * scale))
+    return max(1, round(width * scale)), image_size
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1  # unreadable EXIF: treat as upright rather than fail the image
+
+
+def _keeps_original(im: Image.Image, opts: ImageOptions, orientation: int) -> bool:
+    return (opts.keep_original and im.format == "JPEG" and im.mode == "RGB"
+            and not im.info.get("progressive") and not im.info.get("progression")
+            and orientation == 1 and min(im.size) <= opts.image_size)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled to 8-bit, palettes expanded."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in SIXTEEN_BIT_MODES:
+        array = np.asarray(im)
+        if im.mode == "F":
+            array = np.clip(array, 0, 255)
+        elif im.mode.startswith("I;16") or array.max(initial=0) > 255:
+            array = np.asarray(array, dtype=np.int64) >> 8  # 16-bit range to 8-bit (convert() would clip)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
+    """Validate and convert one downloaded image; never raises for bad input."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return _failed("too_many_pixels")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return _failed("not_an_image")
+    with im:
+        width, height = im.size
+        if width * height > opts.max_pixels:
+            return _failed("too_many_pixels", width, height)
+        if min(width, height) < opts.min_side:
+            return _failed("too_small", width, height)
+        orientation = _orientation(im)
+        shown = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        keep = _keeps_original(im, opts, orientation)
+        try:
+            if im.format == "JPEG":
+                # DCT-scaled decode: 1/8 only to check the stream when keeping, else near the target
+                wanted = (math.ceil(width / 8), math.ceil(height / 8)) if keep else \
+                    target_size(width, height, opts.image_size)
+                im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, wanted)
+            im.seek(0)  # first frame of an animation
+            im.load()
+        except Image.DecompressionBombError:
+            return _failed("too_many_pixels", *shown)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            reason = "truncated" if "truncat" in str(exc).lower() or isinstance(exc, EOFError) else "decode_error"
+            return _failed(reason, *shown)
+        if keep:
+            return ProcessedImage(data, "", width, height, width, height)
+        try:
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+        except (OSError, ValueError) as exc:
+            return _failed("decode_error" if "truncat" not in str(exc) else "truncated", *shown)
+        size = target_size(*shown, opts.image_size)
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        rgb.save(out, "JPEG", quality=opts.jpeg_quality)
+        return ProcessedImage(out.getvalue(), "", size[0], size[1], shown[0], shown[1])

@@ -1,0 +1,441 @@
+"""Ingestion as three pure steps that any runner can schedule (cluster/ingest_runner.py uses Ray).
+
+    plan = plan_shards("urls.parquet", "out/", cfg)      # read + validate source, classes, splits
+    results = [write_shard(plan.task(i), cfg) for i in range(plan.num_tasks)]   # any order, any host
+    summary = finalize(plan, results, cfg)               # classes.parquet, manifest.json, _info.json
+
+Output is a pure function of (source, options): every row gets its key, split, class id and
+shard in the plan, before anything is fetched. A task writes its shard tar, then its index part
+(which records the tar's sha256 and the plan fingerprint), so "index part present and matching"
+means "shard committed"; re-running skips committed tasks and finishes byte-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_pipeline import dataset
+from data_pipeline.config import ConfigError, doc, require, to_dict
+from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
+from data_pipeline.image import ImageOptions, process_image
+from data_pipeline.netpolicy import NetworkPolicy, parse_networks
+from data_pipeline.source import SourceError, read_source
+
+log = logging.getLogger(__name__)
+
+PLAN_SCHEMA = pa.schema([("source_row", pa.int64()), ("key", pa.string()), ("url", pa.string()),
+                         ("label", pa.string()), ("class_id", pa.int32()), ("split", pa.string()),
+                         ("skip_reason", pa.string())])
+PART_META_KEY = b"megaclass.ingest"
+
+
+@dataclass(frozen=True)
+class FetchSection:
+    timeout_s: float = doc("seconds for one whole download (all redirect hops, headers and body)", 10.0)
+    max_bytes: int = doc("bytes; larger downloads are stopped and recorded as too_large", 20 * 1024 * 1024)
+    max_redirects: int = doc("redirect hops followed before too_many_redirects", 5)
+    threads: int = doc("concurrent downloads per shard task", 32)
+    allow_networks: list[str] = doc("CIDRs opened despite the default deny of private/loopback/... ranges", [])
+    honour_optout: bool = doc("refuse responses whose X-Robots-Tag carries an opt-out directive", True)
+    optout_directives: list[str] = doc("X-Robots-Tag directives that mean opt-out", list(DEFAULT_OPTOUT))
+    user_agent: str = doc("User-Agent header sent", "megaclass/0.1 (+dataset ingestion; honours X-Robots-Tag noai)")
+
+    def validate(self) -> None:
+        require(self.timeout_s > 0, "fetch.timeout_s", "must be > 0")
+        require(self.max_bytes > 0, "fetch.max_bytes", "must be > 0")
+        require(self.max_redirects >= 0, "fetch.max_redirects", "must be >= 0")
+        require(self.threads >= 1, "fetch.threads", "must be >= 1")
+        parse_networks(self.allow_networks)
+
+
+@dataclass(frozen=True)
+class ImageSection:
+    image_size: int = doc("px; stored shorter side at most this (never upscaled)", 256)
+    min_side: int = doc("px; images with a smaller side are refused (too_small)", 16)
+    max_pixels: int = doc("width*height above this is refused before decoding (too_many_pixels)", 64_000_000)
+    jpeg_quality: int = doc("JPEG quality of re-encoded images (1-95)", 90)
+    keep_original: bool = doc("store RGB baseline JPEGs that already fit byte for byte", True)
+
+    def validate(self) -> None:
+        require(self.image_size >= 1, "image.image_size", "must be >= 1")
+        require(1 <= self.min_side <= self.image_size, "image.min_side", "must be in 1..image_size")
+        require(self.max_pixels >= self.min_side ** 2, "image.max_pixels", "must be >= min_side**2")
+        require(1 <= self.jpeg_quality <= 95, "image.jpeg_quality", "must be in 1..95")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    shard_size: int = doc("input rows per shard task (~30 kB per stored image: 30000 is ~1 GB)", 30000)
+    val_fraction: float = doc("fraction of rows held out by key hash into the validation split", 0.0)
+    train_split: str = doc("name of the main split", "train")
+    val_split: str = doc("name of the held-out split", "val")
+    seed: int = doc("salt of the held-out key hash", 0)
+    name: str = doc("dataset name written to _info.json", "megaclass")
+    max_failed_fraction: float = doc("fail the run when failed/(ok+failed) exceeds this", 0.8)
+
+    def validate(self) -> None:
+        require(self.shard_size >= 1, "output.shard_size", "must be >= 1")
+        require(0.0 <= self.val_fraction < 1.0, "output.val_fraction", "must be in [0, 1)")
+        require(0.0 <= self.max_failed_fraction <= 1.0, "output.max_failed_fraction", "must be in [0, 1]")
+        for name, value in (("train_split", self.train_split), ("val_split", self.val_split)):
+            require(value.isidentifier(), f"output.{name}", "must be a plain name")
+        require(self.train_split != self.val_split, "output.val_split", "must differ from train_split")
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    ray_address: str | None = doc("Ray cluster to join (None: a local Ray for the command)", None)
+    max_task_retries: int = doc("retries of a failed shard task", 3)
+    progress: bool = doc("show a progress bar", True)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """`megaclass ingest` options; output-affecting ones are recorded in manifest.json."""
+    fetch: FetchSection = field(default_factory=FetchSection)
+    image: ImageSection = field(default_factory=ImageSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+    def fetch_options(self) -> FetchOptions:
+        f = self.fetch
+        return FetchOptions(f.timeout_s, f.max_bytes, f.max_redirects, f.honour_optout,
+                            tuple(f.optout_directives), f.user_agent, NetworkPolicy.from_cidrs(f.allow_networks))
+
+    def image_options(self) -> ImageOptions:
+        i = self.image
+        return ImageOptions(i.image_size, i.min_side, i.max_pixels, i.jpeg_quality, i.keep_original)
+
+    def recorded_options(self) -> dict:
+        """Options that change the output (not parallelism or UI): part of the fingerprint."""
+        options = to_dict(self)
+        del options["runtime"]
+        del options["fetch"]["threads"]
+        return options
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: rows of one split that become one shard and one index part."""
+    out_url: str
+    task_id: int
+    split: str
+    shard_index: int
+    fingerprint: str
+    rows: pa.Table                    # PLAN_SCHEMA
+
+    @property
+    def shard_url(self) -> str:
+        return dataset.shard_url(self.out_url, self.split, self.shard_index)
+
+    @property
+    def part_url(self) -> str:
+        return dataset.index_part_url(self.out_url, self.task_id)
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    out_url: str
+    source_fingerprint: str
+    fingerprint: str                  # of source + recorded options: what "same inputs" means
+    class_names: list[str]
+    table: pa.Table                   # PLAN_SCHEMA, all rows
+    bounds: list[tuple[str, int, int, int]]   # (split, shard_index, first, end) per task into `table`
+    splits: list[str]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def task(self, task_id: int) -> ShardTask:
+        split, shard_index, first, end = self.bounds[task_id]
+        rows = self.table.take(pa.array(range(first, end), pa.int64()))  # a copy: ships only these rows
+        return ShardTask(self.out_url, task_id, split, shard_index, self.fingerprint, rows)
+
+
+@dataclass
+class ShardResult:
+    task_id: int
+    split: str
+    shard: dataset.ShardRecord | None          # None when no row of the task succeeded
+    num_rows: int
+    status_counts: dict[str, int]
+    reason_counts: dict[str, int]
+    class_ids: list[int]                       # classes with ok samples in this shard ...
+    class_counts: list[int]                    # ... and their counts (merged in finalize)
+    skipped_existing: bool = False
+
+
+class IngestError(RuntimeError):
+    """The run could not produce a dataset (too many failures, foreign data in OUT)."""
+
+
+def _url_ok(url: str | None, protocols: frozenset) -> bool:
+    if not url:
+        return False
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return bool(parts.hostname) and " " not in url
+    return scheme in protocols and len(url) > len(scheme) + 3
+
+
+def _held_out(keys: list[str], seed: int, fraction: float) -> np.ndarray:
+    """Stable split by key hash: the same key lands in the same split on every run and machine."""
+    salt = str(seed).encode() + b":"
+    values = np.fromiter((int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big")
+                          for k in keys), dtype=np.uint64, count=len(keys))
+    return values < np.uint64(int(fraction * 2 ** 64))
+
+
+def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
+    """Read and validate the source; assign class ids, splits, skips and shards to every row."""
+    source, source_fp = read_source(source_url)
+    urls = source.column("url").to_pylist()
+    protocols = frozenset(fsspec.available_protocols()) | {"file"}
+    url_ok = np.fromiter((_url_ok(u, protocols) for u in urls), dtype=bool, count=len(urls))
+    if not url_ok.any():
+        raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {urls[0]!r})")
+    labels = source.column("label")
+    has_label = pc.fill_null(pc.greater(pc.utf8_length(labels), 0), False).to_numpy(zero_copy_only=False)
+
+    # First occurrence of a URL wins; later ones are skipped as duplicate_url.
+    valid_rows = source.filter(pa.array(url_ok)).select(["source_row", "url"])
+    firsts = valid_rows.group_by("url").aggregate([("source_row", "min")]).column("source_row_min")
+    is_first = np.zeros(source.num_rows, dtype=bool)
+    is_first[firsts.to_numpy()] = True
+    skip = np.full(source.num_rows, None, dtype=object)
+    skip[url_ok & ~is_first] = "duplicate_url"
+    skip[~has_label] = "missing_label"
+    skip[~url_ok] = "bad_url"
+
+    names = pc.unique(labels.filter(pa.array(has_label)))
+    names = names.take(pc.sort_indices(names))
+    class_ids = pc.fill_null(pc.index_in(labels, value_set=names), -1).cast(pa.int32())
+
+    out = cfg.output
+    keys = source.column("key").to_pylist()
+    is_val = _held_out(keys, out.seed, out.val_fraction) if out.val_fraction > 0 else np.zeros(len(keys), bool)
+    split = np.where(is_val, out.val_split, out.train_split).astype(object)
+    table = pa.Table.from_arrays(
+        [source.column("source_row"), source.column("key"), source.column("url"), labels, class_ids,
+         pa.array(split, pa.string()), pa.array(skip, pa.string())], schema=PLAN_SCHEMA)
+
+    bounds = []
+    splits = [out.train_split] + ([out.val_split] if out.val_fraction > 0 else [])
+    ordered = []
+    for name in splits:
+        rows = np.flatnonzero(split == name)
+        ordered.append(rows)
+        base = sum(len(r) for r in ordered[:-1])
+        for shard_index, first in enumerate(range(0, len(rows), out.shard_size)):
+            bounds.append((name, shard_index, base + first, base + min(first + out.shard_size, len(rows))))
+    table = table.take(pa.array(np.concatenate(ordered), pa.int64()))
+
+    fingerprint = hashlib.sha256(json.dumps(
+        {"format": dataset.FORMAT_VERSION, "source": source_fp, "options": cfg.recorded_options()},
+        sort_keys=True).encode()).hexdigest()
+    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits)
+
+
+# ---- one shard -------------------------------------------------------------------------------
+
+def _summarize(task_id: int, split: str, shard: dataset.ShardRecord | None, index: pa.Table,
+               skipped_existing: bool = False) -> ShardResult:
+    def counts(column: str, mask=None) -> dict[str, int]:
+        values = index.column(column) if mask is None else index.column(column).filter(mask)
+        result = pc.value_counts(values).to_pylist()
+        return {item["values"]: item["counts"] for item in result if item["values"]}
+
+    ok = pc.equal(index.column("status"), "ok")
+    class_ids, class_counts = np.unique(index.column("class_id").filter(ok).to_numpy(), return_counts=True)
+    return ShardResult(task_id, split, shard, index.num_rows, counts("status"), counts("reason"),
+                       class_ids.tolist(), class_counts.tolist(), skipped_existing)
+
+
+def committed_result(task: ShardTask) -> ShardResult | None:
+    """The result of an already committed task, or None if it must (re)run."""
+    if not dataset.exists(task.part_url):
+        return None
+    with fsspec.open(task.part_url, "rb") as f:
+        index = pq.read_table(f)
+    meta = json.loads((index.schema.metadata or {}).get(PART_META_KEY, b"{}"))
+    if meta.get("fingerprint") != task.fingerprint:
+        raise IngestError(f"{task.part_url} was written from another source or with other options; "
+                          "use a new output location or delete the old one")
+    shard = dataset.ShardRecord(**meta["shard"]) if meta.get("shard") else None
+    if shard is not None:
+        fs, path = fsspec.core.url_to_fs(task.shard_url)
+        if not fs.exists(path) or fs.size(path) != shard.bytes:
+            return None
+    return _summarize(task.task_id, task.split, shard, index, skipped_existing=True)
+
+
+def check_out_location(plan: IngestPlan) -> None:
+    """Refuse to mix runs: OUT may be empty or hold a (partial) run of the same plan only."""
+    manifest_url = dataset.join(plan.out_url, dataset.MANIFEST_FILE)
+    if dataset.exists(manifest_url):
+        found = dataset.read_json(manifest_url).get("fingerprint", {}).get("ingest")
+        if found != plan.fingerprint:
+            raise ConfigError(f"{plan.out_url} holds a dataset from another source or other options; "
+                              "use a new output location or delete the old one")
+    if plan.num_tasks:
+        try:
+            committed_result(plan.task(0))
+        except IngestError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _ingest_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions,
+                cpu: threading.Semaphore) -> dict:
+    if row["skip_reason"]:
+        return {"status": "skipped", "reason": row["skip_reason"]}
+    fetched = fetch(row["url"], fetch_opts)
+    if fetched.data is None:
+        return {"status": "failed", "reason": fetched.reason}
+    with cpu:  # downloads overlap; decoding stays on the one core the task was given
+        image = process_image(fetched.data, image_opts)
+    if image.jpg is None:
+        return {"status": "failed", "reason": image.reason}
+    return {"status": "ok", "reason": "", "image": image}
+
+
+def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
+    """Fetch, process and write one shard plus its index part; a committed task is skipped."""
+    done = committed_result(task)
+    if done is not None:
+        return done
+    rows = task.rows.to_pylist()
+    fetch_opts, image_opts = cfg.fetch_options(), cfg.image_options()
+    cpu = threading.Semaphore(1)
+    with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
+        outcomes = list(pool.map(lambda r: _ingest_row(r, fetch_opts, image_opts, cpu), rows))
+
+    samples = []
+    records = {name: [] for name in dataset.INDEX_SCHEMA.names}
+    for row, outcome in zip(rows, outcomes):
+        image = outcome.get("image")
+        shard_name = ""
+        if image is not None:
+            shard_name = dataset.shard_name(task.split, task.shard_index)
+            meta = {"url": row["url"], "label": row["label"], "width": image.original_width,
+                    "height": image.original_height}
+            samples.append(dataset.encode_sample(row["key"], image.jpg, row["class_id"], meta))
+        values = {"key": row["key"], "source_row": row["source_row"], "url": row["url"], "label": row["label"],
+                  "class_id": row["class_id"], "status": outcome["status"], "reason": outcome["reason"],
+                  "split": task.split, "shard": shard_name,
+                  "width": image.width if image else None, "height": image.height if image else None,
+                  "bytes": len(image.jpg) if image else None,
+                  "sha256": dataset.sha256_bytes(image.jpg) if image else None}
+        for name, value in values.items():
+            records[name].append(value)
+    shard = dataset.write_shard(task.shard_url, samples) if samples else None
+    index = pa.Table.from_pydict(records, schema=dataset.INDEX_SCHEMA)
+    meta = {"fingerprint": task.fingerprint, "shard": dataclasses.asdict(shard) if shard else None}
+    index = index.replace_schema_metadata({PART_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    dataset.atomic_write_table(task.part_url, index)  # written last: its presence commits the shard
+    return _summarize(task.task_id, task.split, shard, index)
+
+
+# ---- the whole dataset ------------------------------------------------------------------------
+
+def _split_totals(results: list[ShardResult], split: str) -> dict:
+    totals = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "reasons": {}}
+    for result in results:
+        if result.split != split:
+            continue
+        totals["rows"] += result.num_rows
+        for status, count in result.status_counts.items():
+            totals[status] += count
+        for reason, count in result.reason_counts.items():
+            totals["reasons"][reason] = totals["reasons"].get(reason, 0) + count
+    totals["reasons"] = dict(sorted(totals["reasons"].items()))
+    return totals
+
+
+def summary_table(totals: dict[str, dict]) -> str:
+    """The accounting as printed at the end of a run (also stored in manifest.json)."""
+    lines = [f"{'split':<12}{'rows':>10}{'ok':>10}{'failed':>10}{'skipped':>10}"]
+    for split, t in totals.items():
+        lines.append(f"{split:<12}{t['rows']:>10}{t['ok']:>10}{t['failed']:>10}{t['skipped']:>10}")
+    reasons: dict[str, int] = {}
+    for t in totals.values():
+        for reason, count in t["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {reason:<28}{count:>10}")
+    return "\n".join(lines)
+
+
+def _remove_stale_temporaries(out_url: str) -> None:
+    """Temporary files of writers killed mid-write (never committed, safe to delete now)."""
+    fs, root = fsspec.core.url_to_fs(out_url)
+    for sub in (dataset.SHARDS_DIR, dataset.INDEX_DIR, ""):
+        folder = root.rstrip("/") + ("/" + sub if sub else "")
+        if not fs.isdir(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1].startswith(".tmp-"):
+                fs.rm(path)
+
+
+def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) -> dict:
+    """Merge the shard results into classes.parquet, manifest.json and (last) _info.json."""
+    results = sorted(results, key=lambda r: r.task_id)
+    if [r.task_id for r in results] != list(range(plan.num_tasks)):
+        raise IngestError(f"finalize needs all {plan.num_tasks} shard results, got {len(results)}")
+    totals = {split: _split_totals(results, split) for split in plan.splits}
+    for split, t in totals.items():
+        assert t["ok"] + t["failed"] + t["skipped"] == t["rows"], f"accounting broken for {split}: {t}"
+    assert sum(t["rows"] for t in totals.values()) == plan.num_rows, "rows lost between plan and shards"
+    attempted = sum(t["ok"] + t["failed"] for t in totals.values())
+    failed = sum(t["failed"] for t in totals.values())
+    if attempted and failed / attempted > cfg.output.max_failed_fraction:
+        raise IngestError(f"{failed} of {attempted} fetched rows failed ({failed / attempted:.0%} > "
+                          f"output.max_failed_fraction={cfg.output.max_failed_fraction}); reasons: "
+                          f"{summary_table(totals)}\nper-row reasons are in {dataset.join(plan.out_url, 'index')}/")
+
+    counts = np.zeros(len(plan.class_names), dtype=np.int64)
+    for result in results:  # per-shard counts merged: linear in classes + shards, no per-class files
+        np.add.at(counts, np.asarray(result.class_ids, dtype=np.int64), np.asarray(result.class_counts, np.int64))
+    classes = pa.Table.from_arrays([pa.array(np.arange(len(counts), dtype=np.int32)),
+                                    pa.array(plan.class_names, pa.string()), pa.array(counts)],
+                                   schema=dataset.CLASSES_SCHEMA)
+    dataset.atomic_write_table(dataset.join(plan.out_url, dataset.CLASSES_FILE), classes)
+    _remove_stale_temporaries(plan.out_url)
+
+    shards = {split: [r.shard for r in results if r.split == split and r.shard is not None] for split in plan.splits}
+    manifest = {
+        "format_version": dataset.FORMAT_VERSION,
+        "name": cfg.output.name,
+        "fingerprint": {"source": plan.source_fingerprint, "ingest": plan.fingerprint},
+        "options": cfg.recorded_options(),
+        "num_rows": plan.num_rows,
+        "num_classes": len(plan.class_names),
+        "totals": totals,
+        "summary": summary_table(totals).splitlines(),
+        "index": [dataset.index_part_url("", r.task_id).lstrip("/") for r in results],
+        "splits": {split: {"num_samples": sum(s.num_samples for s in records),
+                           "shards": [dataclasses.asdict(s) for s in records]}
+                   for split, records in shards.items()},
+    }
+    dataset.atomic_write_json(dataset.join(plan.out_url, dataset.MANIFEST_FILE), manifest)
+    dataset.write_info(plan.out_url, cfg.output.name, shards)
+    return manifest

@@ -1,0 +1,122 @@
+"""A loopback HTTP server for ingestion tests and benchmarks (127.0.0.1, a free port).
+
+    with LoopbackServer() as server:
+        server.add("/a.jpg", jpeg_bytes)                         # 200 with these bytes
+        server.add("/slow.jpg", jpeg_bytes, delay_s=2.0)          # headers after a delay (timeouts)
+        server.add("/old.jpg", status=301, location="/a.jpg")     # redirect (relative or absolute)
+        server.add("/noai.jpg", jpeg_bytes, headers={"X-Robots-Tag": "noai"})
+        server.add("/endless", endless=True)                       # streams zeros forever
+        server.url("/a.jpg")                                       # http://127.0.0.1:PORT/a.jpg
+
+Unregistered paths answer 404; `status=500` etc. answer that status. `server.hits[path]` counts
+requests. Reused by bench/ingest.py (import it with `tests/` on sys.path) and simulations.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    location: str | None = None
+    delay_s: float = 0.0          # before the status line
+    endless: bool = False         # stream zeros until the client hangs up
+    content_type: str = "image/jpeg"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # keep test output quiet
+        return
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.server.hits[path] += 1
+        route = self.server.routes.get(path)
+        if route is None:
+            route = Route(b"not found", status=404, content_type="text/plain")
+        if route.delay_s:
+            time.sleep(route.delay_s)
+        self.send_response(route.status)
+        self.send_header("Content-Type", route.content_type)
+        if route.location:
+            self.send_header("Location", route.location)
+        for name, value in route.headers.items():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                self.send_header(name, item)
+        self.send_header("Connection", "close")
+        if route.endless:
+            self.end_headers()
+            chunk = b"\0" * 65536
+            try:
+                while not self.server.stopping.is_set():
+                    self.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            return
+        self.send_header("Content-Length", str(len(route.body)))
+        self.end_headers()
+        try:
+            self.wfile.write(route.body)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, Route] = {}
+        self.hits: Counter = Counter()
+        self.stopping = threading.Event()
+
+
+class LoopbackServer:
+    """A ThreadingHTTPServer on 127.0.0.1 serving registered payloads; a context manager."""
+
+    def __init__(self):
+        self._server = _Server()
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def hits(self) -> Counter:
+        return self._server.hits
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add(self, path: str, body: bytes = b"", **kwargs) -> str:
+        """Register a route (see `Route` for options); returns its URL."""
+        self._server.routes[path] = Route(body, **kwargs)
+        return self.url(path)
+
+    def start(self) -> "LoopbackServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "LoopbackServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -12,8 +12,9 @@ is opened to plan it):
 * The split's shards are cut into *pieces*. With at least as many shards as loader slots
   (world_size x num_workers) a piece is a whole shard; with fewer, each shard is strided into
   ceil(slots / shards) pieces (sample i of the shard goes to piece i % parts), so every slot gets data.
-* Pieces are shuffled from (seed, epoch) and dealt in that order, each to the least-loaded slot so
-  far, so slot loads differ by at most one piece whatever the shard sizes.
+* Pieces are dealt largest first to the least-loaded slot (slot loads end within one piece of each
+  other whatever the shard sizes); ties, the slot-to-rank mapping and each slot's piece order are
+  shuffled from (seed, epoch).
 * Each slot streams its pieces (cycling them, reshuffled, when its quota exceeds its data) through
   a seeded shuffle buffer and is cut at an exact sample count: rank batches = samples_per_epoch //
   (world_size x batch_size_per_rank), dealt to the rank's loader workers round robin. So every rank
@@ -101,10 +102,13 @@ def plan_slots(shards: list[tuple[str, int]], num_slots: int, *, seed: int, epoc
     pieces = [p for p in pieces if p.num_samples > 0]
     if not pieces:
         raise ds.DatasetError("split has no samples")
-    if shuffle:
-        _rng(seed, epoch, "pieces").shuffle(pieces)
+    rng = _rng(seed, epoch, "plan") if shuffle else None
+    if rng is not None:
+        rng.shuffle(pieces)  # random order among equal sizes (the usual case: full shards)
+    # largest piece first to the least-loaded slot: slot loads end within one piece of each other
+    pieces.sort(key=lambda p: -p.num_samples)
     slots: list[list[Piece]] = [[] for _ in range(num_slots)]
-    heap = [(0, slot) for slot in range(num_slots)]  # (samples so far, slot): least loaded first
+    heap = [(0, slot) for slot in range(num_slots)]  # (samples so far, slot)
     for piece in pieces:
         load, slot = heapq.heappop(heap)
         slots[slot].append(piece)
@@ -112,6 +116,10 @@ def plan_slots(shards: list[tuple[str, int]], num_slots: int, *, seed: int, epoc
     for slot, assigned in enumerate(slots):
         if not assigned:  # fewer samples than slots: share pieces rather than leave a slot without data
             assigned.append(pieces[slot % len(pieces)])
+    if rng is not None:
+        rng.shuffle(slots)  # which rank/worker reads which shards changes every epoch
+        for assigned in slots:
+            rng.shuffle(assigned)
     return slots
 
 
@@ -263,6 +271,11 @@ class ShardStream(IterableDataset):
                      [good[i][2] for i in order], tuple(bad))
 
 
+def _as_is(batch: Batch) -> Batch:
+    """The DataLoader's collate step: batches are already built (its default would turn tuples into lists)."""
+    return batch
+
+
 def _init_worker(worker_id: int) -> None:
     """Loader worker start: allocator settings (PERFORMANCE.md) applied at runtime in the worker.
 
@@ -321,7 +334,7 @@ class Loader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs.update(worker_init_fn=_init_worker, prefetch_factor=2, persistent_workers=False)
-        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(self.stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, **kwargs)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -68,6 +68,7 @@ def make_dataset(root: str | Path, shard_sizes: Iterable[int] | Mapping[str, Ite
     manifest = {
         "format_version": ds.FORMAT_VERSION,
         "name": name,
+        "num_classes": num_classes,
         "splits": {split: {"num_samples": sum(r.num_samples for r in recs),
                            "shards": [{"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes,
                                        "sha256": r.sha256} for r in recs]}

@@ -1,0 +1,196 @@
+"""The whole pipeline, for real, on one machine: what `make demo` and `megaclass simulate` run.
+
+1. web:      draws a many-class image set (cluster.synthetic) plus a handful of broken files,
+             serves it over HTTP on 127.0.0.1, and writes a URL table pointing at it
+2. ingest:   `megaclass ingest` of that table on a local Ray (one task per shard)
+3. pretrain: `megaclass pretrain` with DDP workers on a local Ray (Ray Train)
+4. publish:  `megaclass registry publish` of the run's final/ checkpoint into a local registry
+5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set
+6. evaluate: `megaclass evaluate` of the fine-tuned model on the downstream validation folder
+
+Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
+SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
+retried the task with every row accounted for and that training resumed from its last checkpoint
+and reached its final step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster import synthetic
+from cluster.chaos import ProcessKiller
+from cluster.webserver import StaticServer
+from data_pipeline.config import doc, require
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class WebSection:
+    upstream_classes: int = doc("classes in the upstream (pretraining) web set", 100)
+    images_per_class: int = doc("upstream images per class", 12)
+    downstream_classes: int = doc("classes of the downstream set, disjoint from upstream", 10)
+    downstream_train_per_class: int = doc("downstream training images per class", 10)
+    downstream_val_per_class: int = doc("downstream validation images per class", 10)
+    seed: int = doc("seed of the drawn images", 0)
+
+    def validate(self) -> None:
+        require(self.upstream_classes >= 2, "web.upstream_classes", "must be >= 2")
+        require(self.images_per_class >= 2, "web.images_per_class", "must be >= 2")
+        require(self.downstream_classes >= 2, "web.downstream_classes", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    web: WebSection = field(default_factory=WebSection)
+    shard_size: int = doc("ingest rows per shard", 200)
+    pretrain_config: str = doc("pretrain YAML ('' = the embedded simulate-pretrain.yaml)", "")
+    finetune_config: str = doc("finetune YAML ('' = the embedded simulate-finetune.yaml)", "")
+    pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])
+    finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
+    chaos: bool = doc("kill one ingestion task and one training worker mid-run", False)
+    stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
+
+
+# The broken inputs every simulation includes, with the reason ingestion must record for each.
+BROKEN_FILES = {
+    "broken/not-an-image.jpg": (b"<html>this is not an image</html>", "not_an_image"),
+    "broken/tiny.jpg": (None, "too_small"),
+    "broken/truncated.jpg": (None, "truncated"),
+}
+MISSING_URL = "broken/missing.jpg"
+
+
+@dataclass
+class StageResult:
+    name: str
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+class Simulation:
+    """Runs the stages in order inside `workdir`, collecting what the report shows."""
+
+    def __init__(self, cfg: SimulationConfig, workdir: str | Path):
+        self.cfg = cfg
+        self.workdir = Path(workdir).resolve()
+        self.stages: list[StageResult] = []
+        self.paths = {
+            "web": self.workdir / "web",
+            "downstream": self.workdir / "downstream",
+            "source": self.workdir / "web-urls.parquet",
+            "dataset": self.workdir / "dataset",
+            "run": self.workdir / "runs" / "pretrain",
+            "registry": self.workdir / "registry",
+            "finetune": self.workdir / "runs" / "finetune",
+            "evaluation": self.workdir / "evaluation",
+        }
+        self.env = dict(os.environ)
+        self.env.update({
+            "MEGACLASS_REGISTRY": str(self.paths["registry"]),
+            "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
+            "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0",
+        })
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def make_web(self) -> None:
+        web = self.cfg.web
+        upstream, downstream = synthetic.split_classes(web.upstream_classes, web.downstream_classes, web.seed)
+        written = synthetic.write_image_folder(self.paths["web"] / "up", upstream, web.images_per_class,
+                                               seed=web.seed, sizes=((64, 64), (96, 72), (300, 240)))
+        synthetic.write_image_folder(self.paths["downstream"] / "train", downstream,
+                                     web.downstream_train_per_class, seed=web.seed + 1)
+        synthetic.write_image_folder(self.paths["downstream"] / "val", downstream,
+                                     web.downstream_val_per_class, seed=web.seed + 2)
+        for rel, (payload, _) in BROKEN_FILES.items():
+            path = self.paths["web"] / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if payload is None and "tiny" in rel:
+                payload = synthetic.jpeg_bytes(synthetic.render(upstream[0], 0, (8, 8)))
+            elif payload is None:
+                payload = synthetic.jpeg_bytes(synthetic.render(upstream[0], 1, (200, 200)))[:700]
+            path.write_bytes(payload)
+        self._web_rows = [(str(p.relative_to(self.paths["web"])), label) for p, label in written]
+        self._broken_rows = [(rel, "broken") for rel in (*BROKEN_FILES, MISSING_URL)]
+
+    def write_source(self, base_url: str) -> int:
+        rows = self._web_rows + self._broken_rows
+        # One duplicate URL: ingestion must skip it with a reason, not download it twice.
+        rows.append(self._web_rows[0])
+        table = pa.table({"url": [f"{base_url}/{rel}" for rel, _ in rows], "label": [lab for _, lab in rows]})
+        pq.write_table(table, self.paths["source"])
+        return table.num_rows
+
+    def run_stage(self, name: str, args: list[str], killer: ProcessKiller | None = None) -> StageResult:
+        cmd = [sys.executable, "-m", "cluster", *args]
+        log.info("stage %s: megaclass %s", name, " ".join(args))
+        started = time.perf_counter()
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+            if killer is not None:
+                killer.start()
+            try:
+                code = proc.wait(timeout=self.cfg.stage_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = -1
+            finally:
+                if killer is not None:
+                    killer.stop()
+        result = StageResult(name, time.perf_counter() - started, {"log": str(log_path)})
+        if killer is not None:
+            result.details["chaos"] = killer.report()
+        self.stages.append(result)
+        if code != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(f"stage {name} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+        return result
+
+    def run(self) -> dict:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        self.make_web()
+        with StaticServer(self.paths["web"]) as server:
+            num_rows = self.write_source(server.base_url)
+            killer = ProcessKiller("ray::_write_shard_task", after_s=2.0) if self.cfg.chaos else None
+            self.run_stage("ingest", ["ingest", str(self.paths["source"]), str(self.paths["dataset"]),
+                                      "--allow-network", "127.0.0.0/8", "--shard-size", str(self.cfg.shard_size),
+                                      "--val-fraction", "0.1", "--image-size", "96", "--no-progress"], killer)
+        self.stages[-1].details["rows"] = num_rows
+        pretrain_cfg = self.cfg.pretrain_config or str(CONFIG_DIR / "simulate-pretrain.yaml")
+        killer = ProcessKiller("RayTrainWorker", after_path_glob=(self.paths["run"], "step-*")) \
+            if self.cfg.chaos else None
+        self.run_stage("pretrain", ["pretrain", "--config", pretrain_cfg,
+                                    "--set", f"data.url={self.paths['dataset']}",
+                                    "--set", f"checkpoint.url={self.paths['run']}",
+                                    *(a for o in self.cfg.pretrain_overrides for a in ("--set", o))]
+                       + (["--set", "scaling.max_failures=1"] if self.cfg.chaos else []), killer)
+        self.run_stage("publish", ["registry", "publish", str(self.paths["run"] / "final"),
+                                   "--name", "sim-backbone", "--registry", str(self.paths["registry"])])
+        finetune_cfg = self.cfg.finetune_config or str(CONFIG_DIR / "simulate-finetune.yaml")
+        self.run_stage("finetune", ["finetune", "--checkpoint", "registry://sim-backbone@latest",
+                                    "--train", str(self.paths["downstream"] / "train"),
+                                    "--val", str(self.paths["downstream"] / "val"),
+                                    "--config", finetune_cfg,
+                                    "--set", f"checkpoint.url={self.paths['finetune']}",
+                                    *(a for o in self.cfg.finetune_overrides for a in ("--set", o))])
+        self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
+                                    str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        from cluster.simulation_report import build_report
+        return build_report(self, time.perf_counter() - started)

@@ -1,0 +1,136 @@
+"""The report of `megaclass simulate`: read back from the artifacts each stage wrote.
+
+Numbers come from the files a user would look at (manifest.json, metrics.jsonl, the evaluation
+report), not from the simulation's own bookkeeping, so the report checks the artifacts too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.simulate import Simulation
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _last(records: list[dict], key: str):
+    for record in reversed(records):
+        if record.get(key) is not None:
+            return record[key]
+    return None
+
+
+def _ingest(sim: "Simulation", seconds: float) -> dict:
+    manifest = json.loads((sim.paths["dataset"] / "manifest.json").read_text())
+    totals = manifest["totals"]
+    rows = sum(t["rows"] for t in totals.values())
+    ok = sum(t["ok"] for t in totals.values())
+    reasons: dict[str, int] = {}
+    for t in totals.values():
+        for reason, count in t["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return {
+        "rows_in": rows, "ok": ok,
+        "failed": sum(t["failed"] for t in totals.values()),
+        "skipped": sum(t["skipped"] for t in totals.values()),
+        "reasons": reasons,
+        "balanced": all(t["ok"] + t["failed"] + t["skipped"] == t["rows"] for t in totals.values()),
+        "images_per_s": round(ok / seconds, 1),
+        "shards": sum(len(s["shards"]) for s in manifest["splits"].values()),
+    }
+
+
+def _training(run_dir: Path) -> dict:
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    config = json.loads((run_dir / "final" / "config.json").read_text()) if (run_dir / "final" / "config.json").exists() else {}
+    block = config.get("megaclass", {})
+    return {
+        "final_step": block.get("step", _last(steps, "step")),
+        "max_steps": (block.get("training_config") or block.get("config") or {}).get("train", {}).get("max_steps"),
+        "loss_first": steps[0]["loss"] if steps else None,
+        "loss_last": _last(steps, "loss"),
+        "top1": _last(records, "eval_top1"),
+        "images_per_s": _last(records, "images_per_s"),
+        "resumes": [r for r in records if r.get("event") == "resume"],
+    }
+
+
+def build_report(sim: "Simulation", total_s: float) -> dict:
+    stages = {s.name: s for s in sim.stages}
+    ingest = _ingest(sim, stages["ingest"].seconds)
+    pretrain = _training(sim.paths["run"])
+    finetune = _training(sim.paths["finetune"])
+    evaluation = json.loads((sim.paths["evaluation"] / "report.json").read_text())
+    report = {
+        "seconds": {name: round(s.seconds, 1) for name, s in stages.items()} | {"total": round(total_s, 1)},
+        "ingest": ingest,
+        "pretrain": pretrain,
+        "finetune": finetune,
+        "downstream": {"top1": evaluation.get("top1"), "top5": evaluation.get("top5"),
+                       "num_samples": evaluation.get("num_samples")},
+        "artifacts": {name: str(path) for name, path in sim.paths.items()}
+        | {"published": str(sim.paths["registry"] / "sim-backbone"),
+           "logs": str(sim.workdir / "logs")},
+        "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},
+    }
+    checks = {
+        "rows balance (ok + failed + skipped == rows)": ingest["balanced"] and ingest["rows_in"] == stages["ingest"].details.get("rows"),
+        "pretraining reached its final step": pretrain["final_step"] is not None
+        and (pretrain["max_steps"] in (None, 0) or pretrain["final_step"] >= pretrain["max_steps"]),
+        "downstream model evaluated": report["downstream"]["top1"] is not None,
+    }
+    if report["chaos"]:
+        killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
+        checks["chaos: an ingestion task was killed and retried"] = killed.get("ingest", False) and ingest["balanced"]
+        checks["chaos: a training worker was killed and the run resumed"] = killed.get("pretrain", False) \
+            and bool(pretrain["resumes"])
+    report["checks"] = checks
+    report["ok"] = all(checks.values())
+    return report
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def format_report(report: dict) -> str:
+    ing, pre, fin, down = report["ingest"], report["pretrain"], report["finetune"], report["downstream"]
+    secs = report["seconds"]
+    lines = [
+        "== megaclass simulation report ==",
+        f"{'stage':<10}{'seconds':>9}  what happened",
+        f"{'ingest':<10}{secs.get('ingest', 0):>9.1f}  rows in {ing['rows_in']}: ok {ing['ok']}, failed {ing['failed']}, "
+        f"skipped {ing['skipped']} in {ing['shards']} shards; {ing['images_per_s']} images/s end to end",
+        f"{'':<21}reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(ing["reasons"].items())) or "none"),
+        f"{'pretrain':<10}{secs.get('pretrain', 0):>9.1f}  step {_fmt(pre['final_step'])}/{_fmt(pre['max_steps'])}, "
+        f"loss {_fmt(pre['loss_first'], '.3f')} -> {_fmt(pre['loss_last'], '.3f')}, "
+        f"upstream held-out top-1 {_fmt(pre['top1'], '.3f')}, {_fmt(pre['images_per_s'], '.1f')} images/s",
+        f"{'publish':<10}{secs.get('publish', 0):>9.1f}  {report['artifacts']['published']}",
+        f"{'finetune':<10}{secs.get('finetune', 0):>9.1f}  step {_fmt(fin['final_step'])}, "
+        f"{_fmt(fin['images_per_s'], '.1f')} images/s",
+        f"{'evaluate':<10}{secs.get('evaluate', 0):>9.1f}  downstream top-1 {_fmt(down['top1'], '.3f')}, "
+        f"top-5 {_fmt(down['top5'], '.3f')} on {_fmt(down['num_samples'])} images",
+        f"{'total':<10}{secs['total']:>9.1f}",
+    ]
+    for name, chaos in report["chaos"].items():
+        for kill in chaos["killed"]:
+            lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s")
+        if not chaos["killed"]:
+            lines.append(f"chaos: {name}: no process matching {chaos['pattern']!r} was found to kill")
+    for resume in pre["resumes"]:
+        lines.append(f"chaos: pretrain resumed from step {resume.get('step')} ({resume.get('checkpoint', '')})")
+    lines.append("artifacts:")
+    lines.extend(f"  {name:<12}{path}" for name, path in report["artifacts"].items())
+    lines.append("checks:")
+    lines.extend(f"  [{'ok' if passed else 'FAILED'}] {name}" for name, passed in report["checks"].items())
+    return "\n".join(lines)

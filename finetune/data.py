@@ -65,7 +65,7 @@ def resolve_dataset(url: str, cache_url: str = "") -> str:
         read_manifest(url)  # a clear DatasetError for a missing or foreign path
         return url
     check_folder_classes(url)
-    cached = join(cache_url or default_cache_url(), "folders", folder_fingerprint(url))
+    cached = join(cache_url or default_cache_url(), "image-folders", folder_fingerprint(url))
     if exists(join(cached, MANIFEST_FILE)):
         log.info("image folder %s: using cached dataset %s", url, cached)
         return cached

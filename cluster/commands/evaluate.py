@@ -1,0 +1,39 @@
+"""`megaclass evaluate MODEL DATA [--out DIR]`: top-1/top-5, per-class accuracy, confusion matrix.
+
+MODEL is a checkpoint dir or registry URI; DATA a dataset URL or an image folder. With --out, writes
+DIR/report.json and DIR/confusion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.commands.finetune import resolve_model_uri, run_reporting_errors
+
+NAME = "evaluate"
+HELP = "evaluate a model on labelled data (top-1, top-5, per-class, confusion matrix)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint dir or registry://NAME@ALIAS")
+    parser.add_argument("data", help="dataset URL or image folder ROOT/<class>/<image>")
+    parser.add_argument("--out", help="write report.json and confusion.png here")
+    parser.add_argument("--split", default="val", help="split to score (default val; a one-split dataset uses its own)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    parser.add_argument("--registry", help="registry root for registry:// URIs")
+
+
+def run(args: argparse.Namespace) -> int:
+    def body() -> int:
+        from finetune.evaluate import evaluate, format_report
+
+        report = evaluate(resolve_model_uri(args.model, args.registry), args.data, split=args.split,
+                          out_dir=args.out, batch_size=args.batch_size, num_workers=args.workers)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        if args.out:
+            print(f"report: {args.out.rstrip('/')}/report.json")
+        return 0
+    return run_reporting_errors(NAME, body)

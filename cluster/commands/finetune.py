@@ -1,0 +1,113 @@
+"""`megaclass finetune`: a pretrained checkpoint + downstream data -> a fine-tuned model (RUN/final/).
+
+    megaclass finetune --checkpoint registry://backbone@production --train flowers/ --val flowers_val/ \
+        --out runs/flowers --set finetune.mode=lp-ft --set train.epochs=20
+    megaclass finetune --checkpoint runs/pre/final --train ds/ --out runs/ft --no-ray   (this process)
+
+Options: defaults < --config FILE.yaml < the flags < --set section.field=value. The checkpoint may be
+a registry URI, resolved here to a verified local folder; an image-folder DATA is ingested here
+once (cached), so that Ray workers receive dataset URLs. Without --no-ray the run is a Ray Train
+job (scaling.num_workers DDP ranks) on a local Ray, or on --ray-address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_pipeline.config import ConfigError, describe, from_dict, merge, parse_overrides, read_yaml, to_dict
+from data_pipeline.dataset import DatasetError
+
+NAME = "finetune"
+HELP = "fine-tune a checkpoint on a small labelled dataset (full, linear probe, or lp-ft)"
+log = logging.getLogger(__name__)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (a checkpoint, dataset, registry URI or export) rather than a bug."""
+    from cluster.registry import RegistryError
+    from finetune.export import ExportError
+    from pretrain.checkpoint import CheckpointError
+
+    return CheckpointError, DatasetError, RegistryError, ExportError
+
+
+def run_reporting_errors(command: str, body) -> int:
+    """Run `body()`; a bad-input error prints as one line and exits 1 (ConfigError: exit 2 via cli.main)."""
+    try:
+        return int(body() or 0)
+    except ConfigError:
+        raise
+    except user_errors() as exc:
+        print(f"megaclass {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def resolve_model_uri(uri: str, registry: str | None) -> str:
+    from cluster.registry import resolve_checkpoint_uri
+
+    return resolve_checkpoint_uri(uri, registry)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="source checkpoint dir (any fsspec URL) or registry://NAME@ALIAS")
+    parser.add_argument("--train", help="train data: dataset URL or image folder ROOT/<class>/<image>")
+    parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
+    parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
+    parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
+    parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
+    parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray for the command)")
+    parser.add_argument("--no-ray", action="store_true", help="train in this process (single rank, or torchrun)")
+    parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
+
+
+def build_config(args: argparse.Namespace):
+    from finetune.config import FinetuneConfig
+
+    flags: dict = {}
+    for value, section, key in ((args.checkpoint, "finetune", "checkpoint_url"), (args.train, "data", "url"),
+                                (args.val, "data", "val_url"), (args.out, "checkpoint", "url"),
+                                (args.mode, "finetune", "mode")):
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    data = read_yaml(args.config) if args.config else {}
+    return from_dict(FinetuneConfig, merge(merge(data, flags), parse_overrides(args.set)))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_options:
+        from finetune.config import FinetuneConfig
+        print("\n".join(describe(FinetuneConfig)))
+        return 0
+    return run_reporting_errors(NAME, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from finetune.data import resolve_dataset
+    from finetune.train import finetune
+
+    cfg = build_config(args)
+    cfg.check_runnable()
+    # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry)},
+                "data": {"url": resolve_dataset(cfg.data.url, cfg.data.cache_url)}}
+    if cfg.data.val_url:
+        resolved["data"]["val_url"] = resolve_dataset(cfg.data.val_url, cfg.data.cache_url)
+    cfg = from_dict(type(cfg), merge(to_dict(cfg), resolved))
+    if args.no_ray:
+        summary = finetune(cfg)
+    else:
+        from cluster.runtime import ray_session, run_torch_trainer
+
+        with ray_session(args.ray_address):
+            summary = run_torch_trainer("finetune.train:finetune_from_dict", to_dict(cfg),
+                                        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                        max_failures=cfg.scaling.max_failures, storage_url=cfg.checkpoint.url,
+                                        name="finetune")
+    final = summary.get("final_url", cfg.checkpoint.url.rstrip("/") + "/final") if isinstance(summary, dict) else None
+    best = summary.get("best_top1") if isinstance(summary, dict) else None
+    print(f"final model: {final}" + (f" (val top-1 {best:.4f})" if isinstance(best, float) else ""))
+    return 0

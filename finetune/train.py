@@ -1,0 +1,398 @@
+"""Fine-tune a pretrained megaclass checkpoint on a small labelled dataset.
+
+    megaclass finetune --checkpoint CKPT --train DATA --val DATA --set checkpoint.url=RUN   (Ray Train)
+    python -m finetune.train --config ft.yaml --set finetune.checkpoint_url=CKPT ...       (one process / torchrun)
+
+Plain PyTorch: `finetune(cfg)` runs in one process, under torchrun, or inside Ray Train's
+TorchTrainer (`finetune_from_dict`, launched by cluster.runtime like pretraining). Modes:
+`full` trains everything (layer-wise lr decay, warmup, cosine), `linear` trains only the new head
+on a frozen backbone (BN statistics frozen too), `lp-ft` does a linear probe first and then the
+full fine-tune, which keeps the pretrained features from being wrecked by a random head's early
+gradients. Validation top-1 picks the best step and stops early; RUN/final/ is that best model as
+a contract-2 checkpoint. Resumes from the newest RUN/step-*/ when one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
+from data_pipeline.dataset import DatasetError, class_names, manifest_sha256, read_manifest, split_shards
+from data_pipeline.reader import create_loader
+from data_pipeline.transforms import create_eval_transform, create_train_transform, normalize
+from finetune.config import FinetuneConfig
+from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
+from finetune.evaluate import preprocessing, run_eval
+from finetune.model import create_finetune_model, head_parameters, set_backbone_frozen, set_train_mode
+from finetune.rundir import RunDir, read_state, state_writer
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits; duck-compatible with pretrain.dist.DistInfo (finetune may not import it)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_ranks(use_gpu: bool) -> Ranks:
+    """Join Ray Train's process group or torchrun's environment; else one process."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
+    if not torch_dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        torch_dist.init_process_group("nccl" if use_gpu else "gloo")
+    if torch_dist.is_initialized():
+        return Ranks(torch_dist.get_rank(), torch_dist.get_world_size(), device)
+    return Ranks(0, 1, device)
+
+
+def _barrier(ranks) -> None:
+    if ranks.world_size > 1:
+        torch_dist.barrier()
+
+
+def _broadcast(values: list[float], ranks) -> list[float]:
+    """Rank 0's values on every rank, so that every rank takes the same early-stopping decision."""
+    if ranks.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ranks.device)
+    torch_dist.broadcast(t, 0)
+    return t.tolist()
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str       # "linear" or "full"
+    frozen: bool    # backbone frozen (linear probe)
+    start: int      # first global step of the phase
+    end: int        # global step at which the phase ends
+    lr: float
+
+
+def plan_phases(cfg: FinetuneConfig, steps_per_epoch: int) -> list[Phase]:
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    ft = cfg.finetune
+    lp_lr = ft.lp_lr or cfg.optim.lr * 10
+    if ft.mode == "full":
+        return [Phase("full", False, 0, total, cfg.optim.lr)]
+    if ft.mode == "linear":
+        return [Phase("linear", True, 0, total, lp_lr)]
+    lp_steps = ft.lp_steps or ft.lp_epochs * steps_per_epoch
+    if lp_steps >= total:
+        raise ConfigError(f"finetune.lp_steps: the linear probe ({lp_steps} steps) leaves nothing of the "
+                          f"{total} total steps for the full fine-tune")
+    return [Phase("linear", True, 0, lp_steps, lp_lr), Phase("full", False, lp_steps, total, cfg.optim.lr)]
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    train_url: str
+    train_split: str
+    val_url: str
+    val_split: str
+    class_names: list[str]
+    val_targets: torch.Tensor  # val class id -> train class id
+    num_train_samples: int
+
+
+def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
+    """Resolve (ingest) the data and match val classes to train classes. Rank 0 ingests first."""
+    d = cfg.data
+
+    def resolve() -> tuple[str, str]:
+        train_url = resolve_dataset(d.url, d.cache_url)
+        return train_url, (resolve_dataset(d.val_url, d.cache_url) if d.val_url else train_url)
+
+    # Rank 0 ingests image folders; the others then find them in the cache.
+    if ranks.is_main:
+        train_url, val_url = resolve()
+    _barrier(ranks)
+    if not ranks.is_main:
+        train_url, val_url = resolve()
+    train_split = pick_split(train_url, d.train_split)
+    if d.val_url:
+        val_split = pick_split(val_url, "val")
+    else:
+        if "val" not in read_manifest(train_url).get("splits", {}):
+            raise ConfigError(f"data.val_url: required, {d.url} has no 'val' split (--val DATA)")
+        val_split = "val"
+    names = check_train_classes(train_url, train_split)
+    targets = label_map(class_names(val_url), names, f"validation data {d.val_url or d.url} (vs train {d.url})")
+    num_train = sum(n for _, n in split_shards(train_url, train_split))
+    return DataPlan(train_url, train_split, val_url, val_split, names, targets, num_train)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    best_top1: float = -1.0
+    best_step: int = -1
+    bad_evals: int = 0  # validations in a row without a better top-1, in the current phase
+
+
+def create_criterion_and_mixup(cfg: FinetuneConfig, num_classes: int):
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    lossc = cfg.loss
+    if lossc.mixup > 0 or lossc.cutmix > 0:
+        mixup = Mixup(mixup_alpha=lossc.mixup, cutmix_alpha=lossc.cutmix, prob=lossc.mix_prob,
+                      label_smoothing=lossc.label_smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    return nn.CrossEntropyLoss(label_smoothing=lossc.label_smoothing), None
+
+
+def create_optimizer_and_schedule(cfg: FinetuneConfig, model: nn.Module, phase: Phase):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    o = cfg.optim
+    if phase.frozen:  # only the head trains: no layer decay, no backbone parameter groups
+        params, layer_decay = model.get_classifier(), None
+    else:
+        params, layer_decay = model, (o.layer_decay if o.layer_decay < 1.0 else None)
+    optimizer = create_optimizer_v2(params, opt=o.opt, lr=phase.lr, weight_decay=o.weight_decay,
+                                    momentum=o.momentum, layer_decay=layer_decay)
+    num_steps = phase.end - phase.start
+    warmup = min(o.warmup_steps, max(0, num_steps - 1))
+    schedule = CosineLRScheduler(optimizer, t_initial=num_steps, lr_min=o.min_lr, warmup_t=warmup,
+                                 warmup_lr_init=o.warmup_lr, t_in_epochs=False)
+    return optimizer, schedule
+
+
+def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, std, criterion, mixup) -> float:
+    images = normalize(batch.images.to(device, non_blocking=True), mean, std)
+    labels = batch.labels.to(device, non_blocking=True)
+    if mixup is not None:
+        images, labels = mixup(images, labels)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
+    with autocast:
+        logits = model(images)
+    loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
+    """Run the fine-tune described by `cfg`; returns a summary (final_url, best_top1, ...)."""
+    cfg.check_runnable()
+    ranks = dist or init_ranks(cfg.scaling.use_gpu)
+    if cfg.train.global_batch_size % ranks.world_size:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
+                          f"{ranks.world_size} ranks")
+    source = load_checkpoint(cfg.finetune.checkpoint_url)
+    if cfg.model.arch and cfg.model.arch != source.arch:
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")
+    data = prepare_data(cfg, ranks)
+    model = create_finetune_model(source, len(data.class_names), drop_rate=cfg.model.drop_rate,
+                                  drop_path_rate=cfg.model.drop_path_rate, seed=cfg.train.seed)
+    model.to(ranks.device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    bpr = cfg.train.global_batch_size // ranks.world_size
+    steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size
+    if steps_per_epoch < 1:
+        raise DatasetError(f"{cfg.data.url}: {data.num_train_samples} training images are fewer than one "
+                           f"global batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
+    phases = plan_phases(cfg, steps_per_epoch)
+    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    run.write_config(cfg)
+    progress, opt_state = _resume(run, model)
+    ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr)
+    stopped = False
+    for index, phase in enumerate(phases):
+        if progress.step >= phase.end:
+            continue
+        resumed = opt_state if opt_state and opt_state.get("phase") == index else None
+        # Early stopping ends a phase: the linear probe of lp-ft then hands over to the full fine-tune.
+        stopped = _run_phase(ctx, model, phase, index, progress, resumed)
+        opt_state = None
+    summary = {"final_url": run.final_url, "best_top1": progress.best_top1, "best_step": progress.best_step,
+               "steps": progress.step, "stopped_early": stopped, "num_classes": len(data.class_names),
+               "num_train_samples": data.num_train_samples, "mode": cfg.finetune.mode}
+    if ranks.is_main:
+        best = load_checkpoint(run.best_url)
+        _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
+        run.log({"step": progress.step, "event": "final", "best_val_top1": progress.best_top1,
+                 "best_step": progress.best_step})
+    _barrier(ranks)
+    run.close()
+    return summary
+
+
+@dataclass
+class _Context:
+    cfg: FinetuneConfig
+    ranks: object
+    source: object
+    data: DataPlan
+    run: RunDir
+    report: object
+    steps_per_epoch: int
+    batch_size_per_rank: int
+
+
+def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run.url)
+    if latest is None:
+        return Progress(), None
+    state = read_state(latest)
+    model.load_state_dict(load_checkpoint(latest).state_dict)
+    log.info("resuming from %s (step %d)", latest, state["step"])
+    progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))
+    return progress, {"phase": int(state["phase"]), "optimizer": state["optimizer"]}
+
+
+def _run_phase(ctx: _Context, model: nn.Module, phase: Phase, index: int, progress: Progress,
+               resumed: dict | None) -> bool:
+    """Train one phase from progress.step to phase.end; True when early stopping ended it."""
+    cfg, ranks, run = ctx.cfg, ctx.ranks, ctx.run
+    set_backbone_frozen(model, phase.frozen)
+    wrapped = model
+    if ranks.world_size > 1:
+        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer, schedule = create_optimizer_and_schedule(cfg, model, phase)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+    else:
+        progress.bad_evals = 0
+    criterion, mixup = create_criterion_and_mixup(cfg, len(ctx.data.class_names))
+    size, _, mean, std = preprocessing(ctx.source.pretrained_cfg, cfg.data.image_size)
+    transform = create_train_transform(size, scale=(cfg.data.crop_scale_min, 1.0))
+    schedule.step_update(progress.step - phase.start)
+    log.info("phase %s: steps %d..%d, lr %g, %d trainable parameters", phase.name, phase.start, phase.end,
+             phase.lr, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    t0, images_seen, stop = time.perf_counter(), 0, False
+    while progress.step < phase.end and not stop:
+        epoch, skip = divmod(progress.step, ctx.steps_per_epoch)
+        loader = create_loader(ctx.data.train_url, ctx.data.train_split, batch_size_per_rank=ctx.batch_size_per_rank,
+                               rank=ranks.rank, world_size=ranks.world_size, num_workers=cfg.data.num_workers,
+                               seed=cfg.train.seed, epoch=epoch, transform=transform,
+                               shuffle_buffer=cfg.data.shuffle_buffer,
+                               samples_per_epoch=ctx.steps_per_epoch * cfg.train.global_batch_size,
+                               skip_batches=skip)
+        set_train_mode(model, backbone_frozen=phase.frozen)
+        for batch in loader:
+            loss = train_step(wrapped, optimizer, batch, cfg=cfg, device=ranks.device, mean=mean, std=std,
+                              criterion=criterion, mixup=mixup)
+            progress.step += 1
+            images_seen += len(batch.labels) * ranks.world_size
+            schedule.step_update(progress.step - phase.start)
+            if progress.step % cfg.log.every_steps == 0:
+                run.log({"step": progress.step, "phase": phase.name, "train_loss": loss,
+                         "lr": max(g["lr"] for g in optimizer.param_groups),
+                         "images_per_s": images_seen / (time.perf_counter() - t0)})
+            end_of_epoch = progress.step % ctx.steps_per_epoch == 0
+            every = cfg.train.eval_every_steps
+            if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == phase.end:
+                stop = _validate(ctx, model, phase, progress)
+                set_train_mode(model, backbone_frozen=phase.frozen)
+            if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0 and not stop:
+                _save_step(ctx, model, optimizer, progress, index)
+            if stop or progress.step >= phase.end:
+                break
+    return stop
+
+
+def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress) -> bool:
+    """Rank 0 scores the val split; every rank learns the result. True = stop (patience exhausted)."""
+    cfg, ranks = ctx.cfg, ctx.ranks
+    top1 = top5 = 0.0
+    if ranks.is_main:
+        size, crop_pct, mean, std = preprocessing(ctx.source.pretrained_cfg, cfg.data.image_size)
+        loader = create_loader(ctx.data.val_url, ctx.data.val_split, batch_size_per_rank=ctx.batch_size_per_rank,
+                               num_workers=cfg.data.num_workers, transform=create_eval_transform(size, crop_pct),
+                               shuffle=False, drop_last=False)
+        result = run_eval(model, loader, device=ranks.device, mean=mean, std=std, targets=ctx.data.val_targets,
+                          num_model_classes=len(ctx.data.class_names), channels_last=cfg.train.channels_last,
+                          bf16=cfg.train.precision == "bf16")
+        top1, top5 = result.top1, result.top5
+    top1, top5 = _broadcast([top1, top5], ranks)
+    improved = top1 > progress.best_top1
+    if improved:
+        progress.best_top1, progress.best_step, progress.bad_evals = top1, progress.step, 0
+        if ranks.is_main:
+            _save(ctx.run.best_url, model.state_dict(), ctx, progress)
+    else:
+        progress.bad_evals += 1
+    ctx.run.log({"step": progress.step, "phase": phase.name, "val_top1": top1, "val_top5": top5,
+                 "best_val_top1": progress.best_top1})
+    log.info("step %d (%s): val top-1 %.4f top-5 %.4f (best %.4f at step %d)", progress.step, phase.name,
+             top1, top5, progress.best_top1, progress.best_step)
+    if ctx.report is not None:
+        ctx.report({"step": progress.step, "val_top1": top1, "val_top5": top5, "best_val_top1": progress.best_top1})
+    _barrier(ranks)
+    return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
+
+
+def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = None) -> dict:
+    block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
+             "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
+             "metrics": {"val_top1": progress.best_top1, "best_step": progress.best_step},
+             "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
+                                "step": ctx.source.megaclass.get("step")}}
+    block.update(extra or {})
+    return block
+
+
+def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extra: dict | None = None,
+          write_train_state=None) -> str:
+    size, _, _, _ = preprocessing(ctx.source.pretrained_cfg, ctx.cfg.data.image_size)
+    pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, size, size], num_classes=len(ctx.data.class_names))
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return save_checkpoint(url, state_dict=state, arch=ctx.source.arch, num_classes=len(ctx.data.class_names),
+                           class_names=ctx.data.class_names, pretrained_cfg=pretrained_cfg,
+                           megaclass=_megaclass_block(ctx, progress, extra), write_train_state=write_train_state,
+                           model_args=ctx.source.model_args)
+
+
+def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, phase_index: int) -> None:
+    if ctx.ranks.is_main:
+        state = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
+                 "best_step": progress.best_step, "bad_evals": progress.bad_evals,
+                 "optimizer": optimizer.state_dict()}
+        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress, write_train_state=state_writer(state))
+        ctx.run.prune(ctx.cfg.checkpoint.keep)
+    _barrier(ctx.ranks)
+
+
+def finetune_from_dict(cfg_dict: dict, report=None) -> dict:
+    """Entry point for cluster.runtime's TorchTrainer: the resolved config as a plain dict."""
+    return finetune(from_dict(FinetuneConfig, cfg_dict), report=report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    print(f"final model: {summary['final_url']} (val top-1 {summary['best_top1']:.4f} at step {summary['best_step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,7 +33,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cluster.storage import FileLock, copy_hashing, create_exclusive, hash_file
 from data_pipeline.dataset import atomic_write_json
 
 FORMAT_VERSION = 1
@@ -57,7 +57,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "classes.parquet")
 LATEST = "latest"
 ALIAS_LOCK_STALE_S = 30.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CHUNK_BYTES = 4 << 20
 
 
 class RegistryError(ValueError):
@@ -123,28 +122,6 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _create_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create `path` with `data` unless it exists; True when this call created it."""
-    if isinstance(fs, LocalFileSystem):
-        # A hard link of a complete temp file: atomic and never visible half-written.
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-
-
 def _parse_sums(text: str, where: str) -> dict[str, str]:
     """`sha256sum` output -> {relative path: sha256}."""
     sums = {}
@@ -163,29 +140,6 @@ def _parse_sums(text: str, where: str) -> dict[str, str]:
 
 def _format_sums(sums: dict[str, str]) -> bytes:
     return "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items())).encode()
-
-
-def _hash_file(fs, path: str) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _copy_hashing(src_fs, src: str, dst_fs, dst: str) -> tuple[str, int]:
-    """Copy one file between filesystems and return the sha256 and size of what was read."""
-    h, size = hashlib.sha256(), 0
-    parent = posixpath.dirname(dst)
-    if parent:
-        dst_fs.makedirs(parent, exist_ok=True)
-    with src_fs.open(src, "rb") as fin, dst_fs.open(dst, "wb") as fout:
-        while chunk := fin.read(CHUNK_BYTES):
-            h.update(chunk)
-            size += len(chunk)
-            fout.write(chunk)
-    return h.hexdigest(), size
 
 
 class Registry:
@@ -302,7 +256,7 @@ class Registry:
             if not fs.exists(path):
                 problems.append(f"{rel}: missing")
                 continue
-            digest, size = _hash_file(fs, path)
+            digest, size = hash_file(fs, path)
             if digest != entry["sha256"] or size != entry["bytes"]:
                 problems.append(f"{rel}: sha256/size mismatch (recorded {entry['sha256'][:12]}/{entry['bytes']} B, "
                                 f"found {digest[:12]}/{size} B)")
@@ -353,7 +307,7 @@ class Registry:
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         src = self._version_path(name, version)
         for rel in info["files"]:
-            _copy_hashing(self.fs, posixpath.join(src, rel), local, os.path.join(tmp, rel))
+            copy_hashing(self.fs, posixpath.join(src, rel), local, os.path.join(tmp, rel))
         problems = self._check_folder(local, tmp, info["files"])
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -393,7 +347,7 @@ class Registry:
         files: dict[str, dict[str, Any]] = {}
         try:
             for rel, expected in sorted(sums.items()):
-                digest, size = _copy_hashing(src_fs, posixpath.join(src, rel), self.fs, posixpath.join(staging, rel))
+                digest, size = copy_hashing(src_fs, posixpath.join(src, rel), self.fs, posixpath.join(staging, rel))
                 if digest != expected:
                     raise RegistryError(f"{ckpt_url}/{rel}: sha256 {digest[:12]} does not match {SUMS_FILE} "
                                         f"({expected[:12]}); the checkpoint is damaged, not publishing")
@@ -411,7 +365,7 @@ class Registry:
                 self.fs.mv(posixpath.join(staging, rel), dst)
             info = self._version_info(name, version, str(ckpt_url), config, files, lineage or {})
             body = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
-            if not _create_exclusive(self.fs, posixpath.join(folder, VERSION_FILE), body):
+            if not create_exclusive(self.fs, posixpath.join(folder, VERSION_FILE), body):
                 raise RegistryError(f"registry://{name}/{version}: {VERSION_FILE} appeared under our claim; "
                                     f"the registry at {self.root_url} is being written by something else")
         finally:
@@ -429,7 +383,7 @@ class Registry:
         for _ in range(10_000):
             folder = self._version_path(name, version)
             self.fs.makedirs(folder, exist_ok=True)
-            if _create_exclusive(self.fs, posixpath.join(folder, CLAIM_FILE), stamp):
+            if create_exclusive(self.fs, posixpath.join(folder, CLAIM_FILE), stamp):
                 return version
             version += 1
         raise RegistryError(f"{name}: could not claim a version number in {self.root_url}")
@@ -480,40 +434,7 @@ class Registry:
         return aliases
 
     def _aliases_lock(self, name: str):
-        return _FileLock(self.fs, self._path(name, ALIASES_FILE + ".lock"))
-
-
-class _FileLock:
-    """Mutual exclusion through a create-if-absent file; broken when older than ALIAS_LOCK_STALE_S."""
-
-    def __init__(self, fs, path: str, timeout_s: float = 60.0):
-        self.fs, self.path, self.timeout_s = fs, path, timeout_s
-
-    def __enter__(self):
-        deadline = time.monotonic() + self.timeout_s
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        while True:
-            stamp = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "created": time.time()})
-            if _create_exclusive(self.fs, self.path, stamp.encode()):
-                return self
-            self._break_if_stale()
-            if time.monotonic() > deadline:
-                raise RegistryError(f"{self.path}: lock held for over {self.timeout_s:.0f} s")
-            time.sleep(0.01 + 0.02 * (uuid.uuid4().int % 100) / 100)
-
-    def _break_if_stale(self) -> None:
-        try:
-            with self.fs.open(self.path, "rb") as f:
-                created = float(json.loads(f.read())["created"])
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError):
-            created = 0.0  # unreadable lock content: a writer died mid-write long ago or now; age decides
-        if time.time() - created > ALIAS_LOCK_STALE_S:
-            self.fs.rm(self.path)
-
-    def __exit__(self, *exc) -> None:
-        self.fs.rm(self.path)
+        return FileLock(self.fs, self._path(name, ALIASES_FILE + ".lock"), stale_s=ALIAS_LOCK_STALE_S)
 
 
 def resolve_checkpoint_uri(uri_or_path: str, registry_root: str | None = None) -> str:

@@ -1,0 +1,223 @@
+"""Job submission: the entrypoint we build, and real jobs on a real token-authenticated Ray head.
+
+The head is started by the test on 127.0.0.1 (`ray start --head`, Ray 2.60, RAY_AUTH_MODE=token) with
+its own HOME and temp dir, and torn down by signalling exactly the processes of its session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster import jobs
+from cluster.cli import main
+from data_pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_entrypoint_gives_resumable_commands_a_stable_run_dir(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  max_steps: 5\n")
+    entry = jobs.build_entrypoint(["pretrain", "--config", "cfg.yaml"], "r50", None, base=tmp_path)
+    assert entry == "python -m cluster pretrain --config cfg.yaml --set checkpoint.url=$HOME/megaclass/runs/r50"
+    entry = jobs.build_entrypoint(["finetune", "--config", "cfg.yaml"], "ft", "s3://b/runs", base=tmp_path)
+    assert entry.endswith("--set checkpoint.url=s3://b/runs/ft")
+    # The user's choice wins: an explicit --set, or an absolute run dir in the config file.
+    entry = jobs.build_entrypoint(["pretrain", "--set", "checkpoint.url=/data/x"], "r", None, base=tmp_path)
+    assert entry.count("checkpoint.url") == 1
+    cfg.write_text("checkpoint:\n  url: gs://bucket/run\n")
+    assert "checkpoint.url" not in jobs.build_entrypoint(["pretrain", "--config", "cfg.yaml"], "r", None,
+                                                         base=tmp_path)
+    assert jobs.build_entrypoint(["plan", "--help"], "r", None) == "python -m cluster plan --help"
+    assert jobs.build_entrypoint(["registry", "list", "--registry", "a b"], "r", None).endswith("'a b'")
+
+
+def test_config_files_must_be_shipped(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "a.yaml").write_text("{}\n")
+    (tmp_path / "outside.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert jobs.ship_configs(["pretrain", "--config", "project/configs/a.yaml"], project) == \
+        ["pretrain", "--config", "configs/a.yaml"]
+    assert jobs.ship_configs(["pretrain", "--config=project/configs/a.yaml"], project) == \
+        ["pretrain", "--config=configs/a.yaml"]
+    with pytest.raises(ConfigError, match="--config: outside.yaml is outside the working dir"):
+        jobs.ship_configs(["pretrain", "--config", "outside.yaml"], project)
+    with pytest.raises(ConfigError, match="--config: nope.yaml does not exist"):
+        jobs.ship_configs(["pretrain", "--config", "nope.yaml"], project)
+
+
+def test_auth_token_lookup(tmp_path, monkeypatch):
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jobs.auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobs.auth_token() == "from-home"
+    (tmp_path / "tok").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert jobs.auth_token() == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.auth_token() == "from-env"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert jobs.auth_token() is None
+
+
+def test_submit_refuses_bad_input(capsys):
+    assert main(["submit", "--address", "http://127.0.0.1:1", "--", "nonsense"]) == 2
+    assert "megaclass submit: error: submit: 'nonsense' is not a megaclass subcommand" in capsys.readouterr().err
+    assert main(["submit", "--address", "http://127.0.0.1:1", "--name", "../x", "--", "registry", "list"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session `sid` (the one `ray start` was started in): the head's processes only."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[3]) == sid and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_head(sid: int) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass  # already gone
+        deadline = time.monotonic() + wait_s
+        while _session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A token-authenticated Ray head on 127.0.0.1; yields (dashboard URL, token)."""
+    token = secrets.token_hex(32)
+    home = Path(tempfile.mkdtemp(prefix="mcj-"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = _free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+           "--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={home / 'ray'}",
+           "--disable-usage-stats"]
+    log = open(home / "head.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        head.wait(timeout=60)
+        request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray head did not come up: {(home / 'head.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url, token
+    finally:
+        _stop_head(head.pid)
+        log.close()
+        subprocess.run(["rm", "-rf", str(home)], check=False)
+
+
+def _wait_terminal(client, submission_id: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (state := jobs.status(client, submission_id)["status"]) not in jobs.TERMINAL:
+        assert time.monotonic() < deadline, f"job {submission_id} still {state}"
+        time.sleep(0.5)
+    return state
+
+
+@pytest.mark.slow
+def test_submit_follow_status_logs_stop(ray_head, monkeypatch, capsys, tmp_path):
+    url, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.chdir(ROOT)
+    registry = tmp_path / "reg"
+
+    # A subcommand as a job: shipped working dir, followed to the end, exit status from the job state.
+    assert main(["submit", "--address", url, "--name", "smoke", "--follow", "--",
+                 "registry", "list", "--registry", str(registry)]) == 0
+    out, err = capsys.readouterr()
+    submission_id = out.splitlines()[0]
+    assert submission_id.startswith("smoke-") and f"no models in {registry}" in out
+    assert f"job {submission_id}: SUCCEEDED" in err
+
+    client = jobs.create_client(url)
+    info = client.get_job_info(submission_id)
+    assert info.runtime_env["env_vars"]["MEGACLASS_RUN_NAME"] == "smoke"
+    assert info.runtime_env["working_dir"].startswith("gcs://")  # uploaded, not a path on this machine
+    assert ".venv/" in info.runtime_env["excludes"]
+    assert info.entrypoint == f"python -m cluster registry list --registry {registry}"
+    assert main(["jobs", "status", submission_id, "--address", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
+    assert main(["jobs", "logs", submission_id, "--address", url]) == 0
+    assert f"no models in {registry}" in capsys.readouterr().out
+
+    # A failing subcommand is a failed job, and a resubmission under the same name is a new attempt.
+    assert main(["submit", "--address", url, "--name", "smoke", "--follow", "--",
+                 "registry", "show", "missing", "--registry", str(registry)]) == 1
+    out, err = capsys.readouterr()
+    assert "registry://missing: no published versions" in out and "FAILED" in err
+    assert main(["jobs", "list", "--address", url, "--name", "smoke", "--json"]) == 0
+    attempts = json.loads(capsys.readouterr().out)
+    assert [a["status"] for a in attempts] == ["SUCCEEDED", "FAILED"]
+    assert len({a["submission_id"] for a in attempts}) == 2
+
+    # Stop a long-running job.
+    long_id = client.submit_job(entrypoint="sleep 120", submission_id=f"sleeper-{secrets.token_hex(2)}")
+    deadline = time.monotonic() + 30
+    while jobs.status(client, long_id)["status"] != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert main(["jobs", "stop", long_id, "--address", url]) == 0
+    assert "stop requested" in capsys.readouterr().out
+    assert _wait_terminal(client, long_id, 30) == "STOPPED"
+
+
+@pytest.mark.slow
+def test_missing_token_is_refused_clearly(ray_head, monkeypatch, capsys, tmp_path):
+    url, _ = ray_head
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["jobs", "list", "--address", url]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray job server" in err and "no Ray auth token found" in err

@@ -281,34 +281,29 @@ class Registry:
         return report
 
     def resolve(self, uri: str) -> str:
-        """`registry://NAME@ALIAS` or `registry://NAME/VERSION` -> verified local folder.
+        """`registry://NAME@ALIAS` or `registry://NAME/VERSION` -> verified local checkpoint folder.
 
-        A local registry resolves to the version folder itself; a remote one is downloaded into
-        the cache (once; the cached copy is re-verified on every call). Any mismatch is refused.
+        The folder is a plain contract-2 checkpoint in the cache (no version.json, which checkpoint
+        loaders would reject as a foreign file): hard links into a local registry when possible,
+        otherwise a download. It is fetched once and re-verified on every call; any mismatch is refused.
         """
         if not uri.startswith(SCHEME):
             raise RegistryError(f"{uri!r} is not a registry URI (registry://NAME@ALIAS or registry://NAME/VERSION)")
         name, version, alias = parse_ref(uri, "uri")
         version = self.lookup(name, version, alias)
-        info = self._read_version_json(name, version)
+        files = self._read_version_json(name, version)["files"]
         where = f"registry://{name}/{version} in {self.root_url}"
-        if self.is_local:
-            folder = self._version_path(name, version)
-            problems = self._check_folder(self.fs, folder, info["files"])
-            if problems:
-                raise RegistryError(f"{where} fails verification, refusing to use it: {'; '.join(problems)}")
-            return folder
         local = LocalFileSystem()
         root_key = hashlib.sha256(self.root_url.encode()).hexdigest()[:16]
         target = os.path.join(self.cache_dir, root_key, name, f"{version:06d}")
-        if os.path.isdir(target) and not self._check_folder(local, target, info["files"]):
+        if os.path.isdir(target) and not self._check_folder(local, target, files):
             return target
         shutil.rmtree(target, ignore_errors=True)  # absent or damaged: fetch afresh
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         src = self._version_path(name, version)
-        for rel in info["files"]:
-            copy_hashing(self.fs, posixpath.join(src, rel), local, os.path.join(tmp, rel))
-        problems = self._check_folder(local, tmp, info["files"])
+        for rel in files:
+            self._fetch(posixpath.join(src, rel), os.path.join(tmp, rel))
+        problems = self._check_folder(local, tmp, files)
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RegistryError(f"{where} fails verification, refusing to use it: {'; '.join(problems)}")
@@ -316,9 +311,22 @@ class Registry:
             os.rename(tmp, target)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent resolve placed it first
-            if self._check_folder(local, target, info["files"]):
+            if self._check_folder(local, target, files):
                 raise RegistryError(f"cache copy {target} of {where} is damaged; delete it and retry") from None
         return target
+
+    def _fetch(self, src: str, dst: str) -> None:
+        """One file into the cache; a missing source is left for verification to report."""
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not self.fs.exists(src):
+            return
+        if self.is_local:
+            try:
+                os.link(src, dst)  # versions are immutable: share the bytes, verification still reads them
+                return
+            except OSError:
+                pass  # another filesystem (or no hard links): copy below
+        copy_hashing(self.fs, src, LocalFileSystem(), dst)
 
     # --- writing ------------------------------------------------------------------------------
     def publish(self, ckpt_url: str, name: str, alias: str | None = None,

@@ -10,42 +10,40 @@ import uuid
 from pathlib import Path
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cluster.cli import main
 from cluster.registry import AliasConflict, Registry, RegistryError, resolve_checkpoint_uri
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
 
 
-def _write_checkpoint(folder: Path, seed: int = 0, with_train_state: bool = True) -> Path:
-    """A contract-2 checkpoint folder: config.json, model.safetensors, classes.parquet, SHA256SUMS."""
-    folder.mkdir(parents=True)
+def _write_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A contract-2 run checkpoint (with train_state/) written by pretrain.checkpoint."""
+    def write_train_state(path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        Path(path, "optim.bin").write_bytes(os.urandom(64))
+
     gen = torch.Generator().manual_seed(seed)
-    save_file({"fc.weight": torch.randn(4, 8, generator=gen), "fc.bias": torch.zeros(4)},
-              str(folder / "model.safetensors"))
-    config = {"architecture": "resnet18", "num_classes": 4, "num_features": 8,
-              "pretrained_cfg": {"input_size": [3, 32, 32]}, "label_names": list("abcd"),
-              "megaclass": {"format_version": 1, "step": 10 + seed, "epoch": 1, "run": f"run{seed}",
-                            "dataset_manifest_sha256": "d" * 64, "config": {"train": {"max_steps": 10}},
-                            "metrics": {"top1": 0.5}}}
-    (folder / "config.json").write_text(json.dumps(config))
-    pq.write_table(pa.table({"id": pa.array(range(4), pa.int32()), "name": list("abcd")}),
-                   folder / "classes.parquet")
-    if with_train_state:
-        (folder / "train_state").mkdir()
-        (folder / "train_state" / "optim.bin").write_bytes(os.urandom(64))
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}\n"
-             for p in sorted(folder.rglob("*")) if p.is_file()]
-    (folder / "SHA256SUMS").write_text("".join(lines))
+    state = {"fc.weight": torch.randn(4, 512, generator=gen), "fc.bias": torch.zeros(4)}
+    megaclass = {"step": 10 + seed, "epoch": 1, "dataset_manifest_sha256": "d" * 64,
+                 "config": {"train": {"max_steps": 10}}, "metrics": {"top1": 0.5}}
+    save_checkpoint(str(folder), state_dict=state, arch="resnet18", num_classes=4, class_names=list("abcd"),
+                    pretrained_cfg={"input_size": [3, 32, 32]}, megaclass=megaclass,
+                    write_train_state=write_train_state)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MEGACLASS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    return _write_checkpoint(tmp_path / "run" / "step-00000010")
+    return _write_checkpoint(tmp_path / "run0" / "step-00000010")
 
 
 @pytest.fixture
@@ -57,8 +55,8 @@ def memory_registry():
         fs.rm(root, recursive=True)
 
 
-def test_publish_list_show_resolve_memory(ckpt, memory_registry, tmp_path):
-    reg = Registry(memory_registry, cache_dir=str(tmp_path / "cache"))
+def test_publish_list_show_resolve_memory(ckpt, memory_registry, cache_dir):
+    reg = Registry(memory_registry)
     assert reg.publish(str(ckpt), "tiny") == 1
     assert reg.publish(str(ckpt), "tiny", alias="production") == 2
     assert reg.list() == [{"name": "tiny", "versions": [1, 2], "latest": 2, "aliases": {"production": 2}}]
@@ -70,22 +68,24 @@ def test_publish_list_show_resolve_memory(ckpt, memory_registry, tmp_path):
     assert info["aliases"] == []
 
     path = Path(reg.resolve("registry://tiny@production"))
-    assert path.is_relative_to(tmp_path / "cache") and not (path / "train_state").exists()
-    # The published SHA256SUMS no longer lists train_state/, so the folder verifies as a checkpoint.
-    sums = (path / "SHA256SUMS").read_text()
-    assert "train_state" not in sums and sums.count("\n") == 3
-    assert torch.equal(load_file(str(path / "model.safetensors"))["fc.weight"],
-                       load_file(str(ckpt / "model.safetensors"))["fc.weight"])
+    assert path.is_relative_to(cache_dir) and not (path / "train_state").exists()
+    # The published SHA256SUMS no longer lists train_state/, so the folder loads as a checkpoint.
+    assert "train_state" not in (path / "SHA256SUMS").read_text()
+    loaded = load_checkpoint(str(path))
+    assert loaded.class_names == list("abcd") and loaded.megaclass["step"] == 10
+    assert torch.equal(loaded.state_dict["fc.weight"], load_file(str(ckpt / "model.safetensors"))["fc.weight"])
     assert reg.resolve("registry://tiny/1") != str(path)
     assert reg.resolve("registry://tiny@latest") == str(path)
     assert reg.verify("tiny") == {1: [], 2: []}
 
 
-def test_local_resolve_and_pass_through(ckpt, tmp_path):
+def test_local_resolve_and_pass_through(ckpt, tmp_path, cache_dir):
     root = str(tmp_path / "reg")
     Registry(root).publish(str(ckpt), "tiny")
     path = resolve_checkpoint_uri("registry://tiny/1", registry_root=root)
-    assert path == str(tmp_path / "reg" / "tiny" / "versions" / "000001")
+    assert Path(path).is_relative_to(cache_dir) and path.endswith("tiny/000001")
+    assert load_checkpoint(path).arch == "resnet18"
+    assert resolve_checkpoint_uri("registry://tiny/1", registry_root=root) == path  # cached, re-verified
     assert resolve_checkpoint_uri(str(ckpt), registry_root=root) == str(ckpt)
     assert resolve_checkpoint_uri("s3://bucket/x") == "s3://bucket/x"
 
@@ -105,6 +105,7 @@ def test_tampered_file_refused(ckpt, tmp_path):
 
 def test_damaged_checkpoint_not_published(ckpt, tmp_path):
     (ckpt / "classes.parquet").write_bytes(b"not what SHA256SUMS says")
+    (ckpt / "stray.txt").write_text("not listed, not copied")
     reg = Registry(str(tmp_path / "reg"))
     with pytest.raises(RegistryError, match="classes.parquet: sha256"):
         reg.publish(str(ckpt), "tiny")

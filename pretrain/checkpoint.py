@@ -1,0 +1,351 @@
+"""Contract 2, the checkpoint (format version 1): written by pretrain, read by finetune and the registry.
+
+    CKPT/config.json        timm hub schema (written by timm's save_config_for_hf) + "megaclass" block
+    CKPT/model.safetensors  the whole model in timm's state-dict naming (sharded head gathered)
+    CKPT/classes.parquet    the label vocabulary: id:int32, name:string
+    CKPT/train_state/       run checkpoints only: torch.distributed.checkpoint files (pretrain.train_state)
+    CKPT/SHA256SUMS         "sha256  relative/path" for every other file; written last
+
+`timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.
+
+Atomicity. On a local filesystem a checkpoint is built in a sibling staging dir `.staging-NAME`
+and renamed into place, so CKPT either does not exist or is complete. Object stores have no
+rename: there the files are written in place and SHA256SUMS is written last as the completion
+marker; a dir without it is incomplete, ignored by `list_checkpoints` and refused by `verify`.
+Loading verifies every file against SHA256SUMS and refuses missing, truncated, altered or foreign
+(unlisted) files with a CheckpointError naming the file. Weights are read with safetensors only.
+
+    url = save_checkpoint(run + "/final", state_dict=sd, arch="resnet50d", num_classes=C, ...)
+    ckpt = load_checkpoint(url); model = create_model_from_checkpoint(ckpt)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors.torch
+import timm
+import torch
+from timm.models._hub import save_config_for_hf  # timm exports it only from the private module
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CLASSES_FILE = "classes.parquet"
+SUMS_FILE = "SHA256SUMS"
+TRAIN_STATE_DIR = "train_state"
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)
+CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string())])
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, altered, foreign or of an unknown format/arch."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    url: str
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    arch: str
+    num_classes: int
+    pretrained_cfg: dict[str, Any]
+    megaclass: dict[str, Any]
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """Constructor kwargs timm needs to rebuild the architecture (e.g. a preset's act_layer)."""
+        return {k: v for k, v in self.config.get("model_args", {}).items() if k != "num_classes"}
+
+
+def _join(base: str, *parts: str) -> str:
+    return posixpath.join(str(base).rstrip("/"), *parts)
+
+
+def _fs(url: str):
+    return fsspec.core.url_to_fs(str(url))
+
+
+def _is_local(fs) -> bool:
+    return "file" in ({fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def staging_url(url: str) -> str:
+    """Where the checkpoint for `url` is built. Local: a sibling `.staging-NAME`, renamed onto `url`
+    at the end. Elsewhere: `url` itself (SHA256SUMS, written last, marks it complete)."""
+    fs, path = _fs(url)
+    path = path.rstrip("/")
+    if _is_local(fs):
+        return posixpath.join(posixpath.dirname(path), f".staging-{posixpath.basename(path)}")
+    return url
+
+
+def begin_checkpoint(url: str) -> str:
+    """Empty the staging location of `url` and return it (call once, before any rank writes train_state)."""
+    staging = staging_url(url)
+    fs, path = _fs(staging)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    return staging
+
+
+def _timm_config(arch: str, num_classes: int, model_args: dict[str, Any], pretrained_cfg: dict[str, Any],
+                 class_names: list[str], megaclass: dict[str, Any]) -> bytes:
+    """config.json bytes from timm's own exporter, applied to the architecture built on the meta device."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_FILE
+        save_config_for_hf(model, str(path), data_config=dict(pretrained_cfg),
+                                       model_config={"label_names": list(class_names), "megaclass": megaclass})
+        config = json.loads(path.read_bytes())
+    # The architecture's default pretrained_cfg describes timm's published weights, not ours.
+    for key in ("hf_hub_id", "license", "origin_url", "paper_ids", "paper_name", "notes"):
+        config["pretrained_cfg"].pop(key, None)
+    config["pretrained_cfg"]["tag"] = "megaclass"
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _relative_files(fs, root: str) -> list[str]:
+    root = root.rstrip("/")
+    return sorted(posixpath.relpath(p, root) for p in fs.find(root))
+
+
+def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str, num_classes: int,
+                    class_names: list[str], pretrained_cfg: dict[str, Any], megaclass: dict[str, Any],
+                    write_train_state: Callable[[str], None] | None = None,
+                    model_args: dict[str, Any] | None = None, staging: str | None = None) -> str:
+    """Write a contract-2 checkpoint at `url` atomically; returns `url`.
+
+    state_dict: the full model in timm naming (backbone + classifier). pretrained_cfg: input_size,
+    mean, std, interpolation, crop_pct. megaclass: step, epoch, dataset manifest sha256, config,
+    metrics (format_version is added). write_train_state(dir) writes train_state/ into a local dir.
+    staging: a URL from `begin_checkpoint(url)` that already holds train_state/ (written by every
+    rank); default: a fresh one.
+    """
+    if len(class_names) != num_classes:
+        raise CheckpointError(f"{url}: {len(class_names)} class names for {num_classes} classes")
+    staging = staging or begin_checkpoint(url)
+    fs, stage_path = _fs(staging)
+    model_args = dict(model_args or {})
+    model_args.pop("num_classes", None)
+    block = {"format_version": FORMAT_VERSION, **megaclass}
+    _write(fs, _join(stage_path, CONFIG_FILE),
+           _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    _write(fs, _join(stage_path, WEIGHTS_FILE), safetensors.torch.save(tensors))
+    table = pa.table({"id": pa.array(range(num_classes), pa.int32()), "name": pa.array(class_names, pa.string())},
+                     schema=CLASSES_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _write(fs, _join(stage_path, CLASSES_FILE), buf.getvalue())
+    if write_train_state is not None:
+        if _is_local(fs):
+            write_train_state(_join(stage_path, TRAIN_STATE_DIR))
+        else:  # the callback writes locally; upload it next to the other files
+            with tempfile.TemporaryDirectory() as tmp:
+                write_train_state(tmp)
+                fs.put(tmp.rstrip("/") + "/", _join(stage_path, TRAIN_STATE_DIR), recursive=True)
+    sums = "".join(f"{_sha256(fs, _join(stage_path, rel))}  {rel}\n"
+                   for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE)
+    _write(fs, _join(stage_path, SUMS_FILE), sums.encode())  # last: marks the checkpoint complete
+    if _is_local(fs):
+        _commit_local(stage_path, _fs(url)[1].rstrip("/"))
+    return url
+
+
+def _commit_local(staging: str, target: str) -> None:
+    """Rename staging onto target; an existing target (a re-run of the same step) is moved aside first."""
+    import os
+    import shutil
+    if os.path.exists(target):
+        trash = f"{staging}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(target, trash)
+        os.rename(staging, target)
+        shutil.rmtree(trash)
+    else:
+        os.rename(staging, target)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def _read_sums(fs, root: str, url: str) -> dict[str, str]:
+    sums_path = _join(root, SUMS_FILE)
+    if not fs.exists(sums_path):
+        raise CheckpointError(f"{_join(url, SUMS_FILE)}: missing (not a checkpoint, or an incomplete one)")
+    sums: dict[str, str] = {}
+    for number, line in enumerate(fs.cat_file(sums_path).decode("utf-8", "replace").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not rel or rel.startswith(("/", "..")):
+            raise CheckpointError(f"{_join(url, SUMS_FILE)}: line {number} is malformed: {line[:80]!r}")
+        sums[rel] = digest
+    return sums
+
+
+def verify_checkpoint(url: str) -> dict[str, Any]:
+    """Check every file against SHA256SUMS (no missing, altered or unlisted files); returns config.json."""
+    fs, root = _fs(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise CheckpointError(f"{url}: no such checkpoint directory")
+    sums = _read_sums(fs, root, url)
+    for required in (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE):
+        if required not in sums:
+            raise CheckpointError(f"{_join(url, required)}: not listed in {SUMS_FILE}")
+    present = set(_relative_files(fs, root)) - {SUMS_FILE}
+    for rel in sorted(present - set(sums)):
+        raise CheckpointError(f"{_join(url, rel)}: foreign file (not listed in {SUMS_FILE})")
+    for rel, digest in sorted(sums.items()):
+        if rel not in present:
+            raise CheckpointError(f"{_join(url, rel)}: missing (listed in {SUMS_FILE})")
+        if _sha256(fs, _join(root, rel)) != digest:
+            raise CheckpointError(f"{_join(url, rel)}: sha256 mismatch (truncated or altered)")
+    return _read_config(fs, root, url)
+
+
+def _upgrade(config: dict[str, Any], url: str) -> dict[str, Any]:
+    """Bring an older format's config.json to the current one (only version 1 exists so far)."""
+    block = config.get("megaclass")
+    if not isinstance(block, dict) or "format_version" not in block:
+        raise CheckpointError(f"{_join(url, CONFIG_FILE)}: foreign config (no megaclass.format_version)")
+    if block["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{_join(url, CONFIG_FILE)}: format version {block['format_version']} "
+                              f"is not supported (this code reads {FORMAT_VERSION})")
+    return config
+
+
+def _read_config(fs, root: str, url: str) -> dict[str, Any]:
+    try:
+        config = json.loads(fs.cat_file(_join(root, CONFIG_FILE)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{_join(url, CONFIG_FILE)}: not valid JSON ({exc})") from None
+    config = _upgrade(config, url)
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise CheckpointError(f"{_join(url, CONFIG_FILE)}: unknown architecture {arch!r}")
+    return config
+
+
+def load_checkpoint(url: str, *, verify: bool = True) -> LoadedCheckpoint:
+    """Read (and by default verify) a checkpoint; weights via safetensors, nothing unpickled."""
+    fs, root = _fs(url)
+    root = root.rstrip("/")
+    config = verify_checkpoint(url) if verify else _read_config(fs, root, url)
+    weights_path = _join(root, WEIGHTS_FILE)
+    try:
+        state_dict = safetensors.torch.load(fs.cat_file(weights_path))
+    except (FileNotFoundError, safetensors.SafetensorError) as exc:
+        raise CheckpointError(f"{_join(url, WEIGHTS_FILE)}: unreadable ({exc})") from None
+    with fs.open(_join(root, CLASSES_FILE), "rb") as f:
+        table = pq.read_table(f)
+    names = table.sort_by("id").column("name").to_pylist()
+    num_classes = int(config["num_classes"])
+    if len(names) != num_classes:
+        raise CheckpointError(f"{_join(url, CLASSES_FILE)}: {len(names)} classes, config.json says {num_classes}")
+    return LoadedCheckpoint(url=url, config=config, state_dict=state_dict, class_names=names,
+                            arch=config["architecture"], num_classes=num_classes,
+                            pretrained_cfg=config.get("pretrained_cfg", {}), megaclass=config["megaclass"])
+
+
+def create_model_from_checkpoint(ckpt: LoadedCheckpoint, num_classes: int | None = None, **timm_kwargs) -> nn.Module:
+    """The timm model with the checkpoint's weights (pretrained=False: nothing is downloaded).
+
+    With another num_classes the classifier is freshly initialised and every other weight must load.
+    """
+    num_classes = ckpt.num_classes if num_classes is None else num_classes
+    kwargs = {**ckpt.model_args, **timm_kwargs}
+    model = timm.create_model(ckpt.arch, pretrained=False, num_classes=num_classes, **kwargs)
+    state = dict(ckpt.state_dict)
+    if num_classes != ckpt.num_classes:
+        head = {k for k in model.state_dict() if k.rsplit(".", 1)[0] == _classifier_name(model)}
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] != _classifier_name(model)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) != head or unexpected:
+            raise CheckpointError(f"{ckpt.url}: weights do not fit {ckpt.arch}: missing {sorted(set(missing) - head)}, "
+                                  f"unexpected {sorted(unexpected)}")
+    else:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{_join(ckpt.url, WEIGHTS_FILE)}: does not fit {ckpt.arch}: {exc}") from None
+    return model
+
+
+def _classifier_name(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return name
+    raise CheckpointError(f"{type(model).__name__}: classifier module not found")
+
+
+# -- run dirs -------------------------------------------------------------------------------------
+
+def checkpoint_files(url: str) -> list[str]:
+    """Relative paths of every file of a checkpoint, SHA256SUMS included (for the registry to copy)."""
+    fs, root = _fs(url)
+    return sorted([*_read_sums(fs, root.rstrip("/"), url), SUMS_FILE])
+
+
+def list_checkpoints(run_url: str) -> list[str]:
+    """Complete run checkpoints (step-N/ with SHA256SUMS) of a run dir, oldest first."""
+    fs, root = _fs(run_url)
+    if not fs.isdir(root):
+        return []
+    found = []
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        match = STEP_DIR_RE.match(name)
+        if match and fs.exists(_join(entry, SUMS_FILE)):
+            found.append((int(match.group(1)), _join(run_url, name)))
+    return [url for _, url in sorted(found)]
+
+
+def latest_checkpoint(run_url: str) -> str | None:
+    found = list_checkpoints(run_url)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_url: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` run checkpoints; returns the deleted URLs."""
+    doomed = list_checkpoints(run_url)[:-keep] if keep > 0 else []
+    for url in doomed:
+        fs, path = _fs(url)
+        fs.rm(_join(path, SUMS_FILE))  # first, so a half-deleted dir never looks complete
+        fs.rm(path, recursive=True)
+    return doomed

@@ -1,0 +1,278 @@
+"""Everything a pretraining run holds, built from the config: model, head, optimizer, data, checkpoints.
+
+`build_run` turns a PretrainConfig into a `Run` (resuming from the newest run checkpoint when there
+is one); `Run.epoch_steps` yields the micro-batches of each optimizer step from the reader;
+`save_run_checkpoint` writes step-N/ (with train_state/) and, at the end, final/. The loop itself is
+in pretrain.train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import posixpath
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from data_pipeline import dataset as ds
+from data_pipeline.config import ConfigError, to_dict, to_yaml
+from data_pipeline.reader import Loader, create_loader, dataset_info
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform
+from pretrain import checkpoint as ckpt
+from pretrain.config import PretrainConfig
+from pretrain.dist import DistInfo, barrier
+from pretrain.head import ShardedClassifierHead
+from pretrain.models import Preset, classifier_prefix, create_backbone
+from pretrain.train_state import Progress, load_train_state, save_train_state
+
+log = logging.getLogger(__name__)
+FINAL_DIR = "final"
+CROP_PCT = 0.875
+
+
+@dataclass
+class Run:
+    cfg: PretrainConfig
+    dist: DistInfo
+    backbone: nn.Module            # the bare timm model (what is saved)
+    model: nn.Module               # backbone, DDP-wrapped when world_size > 1 (what is called)
+    head: ShardedClassifierHead
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    preset: Preset
+    class_names: list[str]
+    manifest_sha256: str
+    eval_samples: int
+    batch_size_per_rank: int
+    steps_per_epoch: int
+    total_steps: int
+    progress: Progress
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def loader(self, epoch: int, skip_batches: int = 0) -> Loader:
+        cfg = self.cfg
+        return create_loader(
+            cfg.data.url, cfg.data.train_split, batch_size_per_rank=self.batch_size_per_rank, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
+            transform=create_train_transform(cfg.data.image_size, scale=(cfg.data.crop_scale_min, 1.0)),
+            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.samples_per_epoch or None,
+            skip_batches=skip_batches, pin_memory=self.dist.device.type == "cuda")
+
+    def eval_loader(self) -> Loader | None:
+        """Equal, unshuffled batches per rank of the held-out split (the sharded head needs every rank)."""
+        per_rank = min(self.cfg.log.eval_batch_size, self.eval_samples // self.dist.world_size)
+        if not self.cfg.data.eval_split or per_rank < 1:
+            return None
+        return create_loader(
+            self.cfg.data.url, self.cfg.data.eval_split, batch_size_per_rank=per_rank, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=min(self.cfg.data.num_workers, 1), shuffle=False,
+            transform=create_eval_transform(self.cfg.data.image_size, CROP_PCT), seed=self.cfg.train.seed)
+
+    def epoch_steps(self, timer) -> Iterator[list]:
+        """Micro-batch lists of the remaining optimizer steps of the current epoch, then advance the epoch."""
+        accum, progress = self.cfg.train.grad_accum_steps, self.progress
+        batches = iter(self.loader(progress.epoch, skip_batches=progress.steps_in_epoch * accum))
+        while progress.steps_in_epoch < self.steps_per_epoch and progress.step < self.total_steps:
+            micro = [next(batches) for _ in range(accum)]
+            timer.data_ready()
+            if self.cfg.log.sample_keys:
+                self._log_keys(progress.step + 1, micro)
+            yield micro
+            timer.mark()
+        if progress.steps_in_epoch >= self.steps_per_epoch:
+            progress.epoch, progress.steps_in_epoch = progress.epoch + 1, 0
+
+    def keys_url(self) -> str:
+        return posixpath.join(self.cfg.checkpoint.url.rstrip("/"), f"keys-rank-{self.dist.rank}.txt")
+
+    def _log_keys(self, step: int, micro: list) -> None:
+        with fsspec.open(self.keys_url(), "a") as f:
+            f.writelines(f"{step}\t{' '.join(batch.keys)}\n" for batch in micro)
+
+
+def _total_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if cfg.train.total_samples:
+        return math.ceil(cfg.train.total_samples / cfg.train.global_batch_size)
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+
+def _check_data(cfg: PretrainConfig) -> dict[str, Any]:
+    try:
+        info = dataset_info(cfg.data.url)
+    except (FileNotFoundError, ds.DatasetError) as exc:
+        raise ConfigError(f"data.url: {cfg.data.url} is not a readable dataset ({exc})") from None
+    for field_name, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if split and split not in info["splits"]:
+            raise ConfigError(f"{field_name}: split {split!r} not in {cfg.data.url} (has {sorted(info['splits'])})")
+    return info
+
+
+def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
+    """Build model, head, optimizer, schedule and data plan; resume from the newest run checkpoint."""
+    ranks_x_accum = dist.world_size * cfg.train.grad_accum_steps
+    if cfg.train.global_batch_size % ranks_x_accum:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
+                          f"world size {dist.world_size} * train.grad_accum_steps {cfg.train.grad_accum_steps}")
+    info = _check_data(cfg)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)  # same backbone init on every rank
+    backbone, preset = create_backbone(cfg.model.arch, drop_rate=cfg.model.drop_rate,
+                                       drop_path_rate=cfg.model.drop_path_rate)
+    backbone.to(dist.device)
+    if cfg.train.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    num_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    class_names = ds.class_names(cfg.data.url)
+    head = ShardedClassifierHead(num_features, len(class_names), dist, sample_ratio=cfg.model.head_sample_ratio,
+                                 init_seed=cfg.train.seed)
+    optimizer = create_optimizer_v2(nn.ModuleDict({"backbone": backbone, "head": head}), opt=cfg.optim.name,
+                                    lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None, preset, class_names,
+              info["manifest_sha256"], info["splits"].get(cfg.data.eval_split, {}).get("num_samples", 0),
+              cfg.train.global_batch_size // ranks_x_accum, 0, 0, Progress(world_size=dist.world_size))
+    run.steps_per_epoch = len(run.loader(0)) // cfg.train.grad_accum_steps
+    if run.steps_per_epoch < 1:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than an epoch")
+    run.total_steps = _total_steps(cfg, run.steps_per_epoch)
+    rng_restored = _resume(run)
+    run.scheduler = _create_scheduler(cfg, optimizer, run.total_steps)
+    run.scheduler.step_update(num_updates=run.progress.step)
+    if cfg.loss.mixup or cfg.loss.cutmix:
+        run.mixup = Mixup(mixup_alpha=cfg.loss.mixup, cutmix_alpha=cfg.loss.cutmix, prob=cfg.loss.mix_prob,
+                          switch_prob=cfg.loss.switch_prob, mode="batch", num_classes=len(class_names))
+    if not rng_restored:  # per-rank stream for dropout / drop-path; a resume restores the saved one
+        torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * run.progress.step)
+    if cfg.train.compile:
+        backbone.compile()  # in place: state-dict keys stay timm's
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        run.model = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+    return run
+
+
+def _create_scheduler(cfg: PretrainConfig, optimizer, total_steps: int):
+    """timm's scheduler stepped per optimizer update (one 'epoch' = one update)."""
+    sched, extra = ("cosine", {}) if cfg.optim.scheduler == "cosine" else ("step", {"decay_epochs": 10 * total_steps,
+                                                                                    "decay_rate": 1.0})
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=total_steps, warmup_epochs=cfg.optim.warmup_steps,
+                                       warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=1, **extra)
+    return scheduler
+
+
+def _resume(run: Run) -> bool:
+    """Load the newest run checkpoint (if any); True when the RNG state was restored too."""
+    cfg, dist = run.cfg, run.dist
+    rng_restored = False
+    latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
+    if latest is not None:
+        ckpt.verify_checkpoint(latest)
+        saved = load_train_state(posixpath.join(latest, ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
+                                 optimizer=run.optimizer, ema=run.ema, dist=dist)
+        run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
+        rng_restored = saved.world_size == dist.world_size
+        log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
+                 saved.world_size, dist.world_size)
+    if dist.is_main:
+        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), "config.yaml"), to_yaml(cfg).encode())
+        if cfg.log.sample_keys:
+            _truncate_keys(run)
+    barrier(dist)
+    if cfg.log.sample_keys and not dist.is_main:
+        _truncate_keys(run)
+    return rng_restored
+
+
+def _truncate_keys(run: Run) -> None:
+    """Drop key lines of steps after the resumed one (the dead run's steps that are redone now)."""
+    fs, path = fsspec.core.url_to_fs(run.keys_url())
+    if fs.exists(path):
+        lines = fs.cat_file(path).decode().splitlines(keepends=True)
+        kept = [line for line in lines if int(line.split("\t", 1)[0]) <= run.progress.step]
+        ds.atomic_write_bytes(run.keys_url(), "".join(kept).encode())
+
+
+def model_state(run: Run, head_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole model in timm naming: the (EMA) backbone + the gathered head as timm's classifier."""
+    source = run.ema.module if run.ema is not None else run.backbone
+    state = {k: v.detach().cpu() for k, v in source.state_dict().items()}
+    prefix = classifier_prefix(run.preset.arch, run.preset.model_args)
+    state.update({f"{prefix}.{name}": value.cpu() for name, value in head_state.items()})
+    return state
+
+
+def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) -> str:
+    """Collective: step-N/ with train_state/ (then prune to checkpoint.keep); at the end also final/."""
+    cfg, dist, step = run.cfg, run.dist, run.progress.step
+    run_url = cfg.checkpoint.url.rstrip("/")
+    step_url = posixpath.join(run_url, ckpt.step_dir_name(step))
+    if dist.is_main:
+        ckpt.begin_checkpoint(step_url)
+    barrier(dist)
+    save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
+                     head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress, dist=dist)
+    head_state = run.head.full_state()
+    if dist.is_main:
+        kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
+                      class_names=run.class_names, model_args=run.preset.model_args,
+                      pretrained_cfg={"input_size": (3, cfg.data.image_size, cfg.data.image_size),
+                                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
+                                      "crop_pct": CROP_PCT},
+                      megaclass={"step": step, "epoch": run.progress.epoch, "dataset_url": cfg.data.url,
+                                 "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
+                                 "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics})
+        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), **kwargs)
+        ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
+        if final:
+            ckpt.save_checkpoint(posixpath.join(run_url, FINAL_DIR), **kwargs)
+    barrier(dist)
+    return posixpath.join(run_url, FINAL_DIR) if final else step_url
+
+
+class Preemption(contextlib.AbstractContextManager):
+    """Turns SIGTERM into a flag the loop checks after each step (then it checkpoints and returns).
+
+    Signal handlers can only be installed from the main thread; elsewhere (Ray Train runs the
+    training function in a worker thread) the runtime's own shutdown applies and this is a no-op.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,184 @@
+"""Pretraining: a dataset (contract 1) in, a run dir with checkpoints (contract 2) out. Plain PyTorch.
+
+The backbone (any timm model, num_classes=0) runs under DDP; the classifier is the class-sharded
+`pretrain.head.ShardedClassifierHead`. The same `train()` runs alone, under torchrun, and inside
+Ray Train (cluster.runtime calls `train_from_dict`). It resumes itself from the newest run
+checkpoint in checkpoint.url, so a restarted worker group continues where the last one stopped;
+SIGTERM (preemption) writes a checkpoint before it exits.
+
+    python -m pretrain.train --config configs/pretrain_tiny.yaml --set train.max_steps=20
+    torchrun --nproc-per-node 2 -m pretrain.train --config f.yaml --set scaling.num_workers=2
+
+Set PILLOW_BLOCKS_MAX=64 MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824 for speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.config import ConfigError, from_dict
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pretrain.config import PretrainConfig, load_pretrain_config
+from pretrain.dist import DistInfo, all_gather, all_reduce_max, all_reduce_sum, init_distributed
+from pretrain.head import sharded_topk_correct
+from pretrain.metrics import MetricsLog, StepTimer, memory_stats, plot_curves
+from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
+from pretrain.train_state import Progress
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: PretrainConfig, dist: DistInfo | None = None,
+          report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train until train.max_steps (or epochs / total_samples); returns the final metrics.
+
+    report(metrics) is called on rank 0 after each checkpoint with {"step", ..., "checkpoint": url}.
+    """
+    dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
+    run = build_run(cfg, dist)
+    metrics_log = MetricsLog(cfg.checkpoint.url, enabled=dist.is_main, start_step=run.progress.step,
+                             tensorboard=cfg.log.tensorboard)
+    timer, window, last = StepTimer(), [], {}
+    with Preemption() as preemption:
+        while run.progress.step < run.total_steps:
+            for micro_batches in run.epoch_steps(timer):
+                window.append(train_step(run, micro_batches))
+                step = run.progress.step
+                if step % cfg.log.every_steps == 0 or step == run.total_steps:
+                    last = log_step(run, metrics_log, timer, window)
+                    window = []
+                stop = bool(all_reduce_max(float(preemption.requested), dist))
+                if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                    url = save_run_checkpoint(run, last, final=step == run.total_steps)
+                    if report is not None and dist.is_main:
+                        report({**last, "step": step, "checkpoint": url})
+                if stop:
+                    log.warning("stopping at step %d on request (SIGTERM); checkpoint written", step)
+                    metrics_log.close()
+                    return {**last, "step": step, "preempted": True}
+                if step == run.total_steps:
+                    break
+    metrics_log.close()
+    if dist.is_main:
+        plot_curves(cfg.checkpoint.url)
+    return {**last, "step": run.progress.step, "preempted": False}
+
+
+def train_step(run: Run, micro_batches: list) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the (global mean) loss."""
+    cfg, dist = run.cfg, run.dist
+    run.optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    for index, batch in enumerate(micro_batches):
+        images = normalize(batch.images.to(dist.device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch.labels.to(dist.device)
+        labels_b, lam = None, 1.0
+        if run.mixup is not None:  # seeded per (seed, step, rank, micro-batch): resumable and rank-independent
+            np.random.seed([cfg.train.seed, run.progress.step, dist.rank, index])
+            lam = run.mixup._mix_batch(images)  # timm's in-place batch mix; targets become label pairs
+            labels_b = labels.flip(0)
+        sync = index == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync or dist.world_size == 1 else run.model.no_sync()), run.autocast():
+            out = run.head.forward_loss(run.model(images), labels, label_smoothing=cfg.loss.label_smoothing,
+                                        targets_b_local=labels_b, lam=_per_sample(lam, labels))
+            (out.loss / len(micro_batches)).backward()
+        total_loss += float(out.loss.detach()) / len(micro_batches)
+    if cfg.train.grad_clip_norm:
+        clip_global_grad_norm(run, cfg.train.grad_clip_norm)
+    run.optimizer.step()
+    run.progress.step += 1
+    run.scheduler.step_update(num_updates=run.progress.step)
+    if run.ema is not None:
+        run.ema.update(run.backbone, step=run.progress.step)
+    return total_loss
+
+
+def _per_sample(lam: float, labels: torch.Tensor) -> torch.Tensor | float:
+    """Each rank mixes with its own lam, so the head gets it per sample (gathered with the targets)."""
+    return torch.full(labels.shape, float(lam), device=labels.device) if lam != 1.0 else 1.0
+
+
+def clip_global_grad_norm(run: Run, max_norm: float) -> float:
+    """Clip by the norm over the replicated backbone and every rank's head rows (summed across ranks)."""
+    backbone = [p.grad for p in run.backbone.parameters() if p.grad is not None]
+    head = [p.grad for p in run.head.parameters() if p.grad is not None]
+    backbone_sq = sum(float(g.float().pow(2).sum()) for g in backbone)
+    head_sq = all_reduce_sum(sum(float(g.float().pow(2).sum()) for g in head), run.dist)
+    total = math.sqrt(backbone_sq + float(head_sq))
+    if total > max_norm:
+        for g in backbone + head:
+            g.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Held-out top-1/top-5 over log.eval_batches batches per rank (collective: every rank evaluates)."""
+    loader = run.eval_loader()
+    if loader is None:
+        return {}
+    run.model.eval(), run.head.eval()
+    counts, seen = {1: 0, 5: 0}, 0
+    for index, batch in enumerate(loader):
+        if run.cfg.log.eval_batches and index >= run.cfg.log.eval_batches:
+            break
+        images = normalize(batch.images.to(run.dist.device), IMAGENET_MEAN, IMAGENET_STD)
+        with run.autocast():
+            logits = run.head(run.model(images))
+        targets = all_gather(batch.labels.to(run.dist.device), run.dist)
+        ks = (1, min(5, run.num_classes))
+        for k, hits in sharded_topk_correct(logits, targets, run.dist, run.head.start, ks=ks).items():
+            counts[5 if k == ks[1] else 1] += hits
+        seen += len(targets)
+    run.model.train(), run.head.train()
+    return {"eval_top1": counts[1] / max(seen, 1), "eval_top5": counts[5] / max(seen, 1), "eval_samples": seen}
+
+
+def log_step(run: Run, metrics_log: MetricsLog, timer: StepTimer, losses: list[float]) -> dict[str, Any]:
+    cfg, step = run.cfg, run.progress.step
+    elapsed_s, data_s = timer.read()
+    images_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed_s, 1e-9)
+    values: dict[str, Any] = {
+        "loss": sum(losses) / max(len(losses), 1), "lr": run.optimizer.param_groups[0]["lr"], "epoch": run.progress.epoch,
+        "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
+        "data_wait_fraction": data_s / max(elapsed_s, 1e-9), **memory_stats(run.dist.device)}
+    eval_every = cfg.log.eval_every_steps or cfg.log.every_steps
+    if step % eval_every == 0 or step == run.total_steps:
+        values.update(evaluate(run))
+    timer.read()  # evaluation time is not training time
+    metrics_log.write(step, values)
+    return values
+
+
+def train_from_dict(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Entry point for cluster.runtime (Ray Train): the config as a plain dict."""
+    return train(from_dict(PretrainConfig, cfg_dict))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_pretrain_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    return 0 if not result.get("preempted") else 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,8 +40,9 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Expanded by the job's shell on the cluster, so it names a folder on the node running the driver.
 DEFAULT_RUNS_ROOT = "$HOME/megaclass/runs"
-JOB_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-           "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# Drivers (ingest, pretrain) pass their own runtime_env to ray.init (worker allocator settings);
+# without this, Ray refuses to merge it with the job's whenever an env var name appears in both.
+JOB_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 
 
 class JobError(RuntimeError):
@@ -155,6 +156,12 @@ def build_entrypoint(argv: Sequence[str], run: str, runs_root: str | None, pytho
     return " ".join(words)
 
 
+def job_runtime_env(working_dir: Path, env_vars: dict[str, str], excludes: Sequence[str] = ()) -> dict[str, Any]:
+    """The runtime_env of a submitted job: the working dir (shipped, minus excludes) and env vars."""
+    return {"working_dir": str(working_dir), "excludes": list(DEFAULT_EXCLUDES) + list(excludes),
+            "env_vars": dict(env_vars)}
+
+
 def submit(address: str | None, argv: Sequence[str], *, run: str, working_dir: str | None = None,
            runs_root: str | None = None, env: dict[str, str] | None = None,
            excludes: Sequence[str] = (), python: str = "python", client=None) -> str:
@@ -168,12 +175,8 @@ def submit(address: str | None, argv: Sequence[str], *, run: str, working_dir: s
     shipped = ship_configs(list(argv), root)
     entrypoint = build_entrypoint(shipped, run, runs_root, python, base=root)
     submission_id = new_submission_id(run)
-    runtime_env = {
-        "working_dir": str(root),
-        "excludes": list(DEFAULT_EXCLUDES) + list(excludes),
-        "env_vars": {**JOB_ENV, **(env or {}), "MEGACLASS_RUN_NAME": run,
-                     "MEGACLASS_SUBMISSION_ID": submission_id},
-    }
+    env = {**JOB_ENV, **(env or {}), "MEGACLASS_RUN_NAME": run, "MEGACLASS_SUBMISSION_ID": submission_id}
+    runtime_env = job_runtime_env(root, env, excludes)
     client = client or create_client(address)
     try:
         return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,

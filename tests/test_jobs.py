@@ -201,6 +201,16 @@ def test_submit_follow_status_logs_stop(ray_head, monkeypatch, capsys, tmp_path)
     assert [a["status"] for a in attempts] == ["SUCCEEDED", "FAILED"]
     assert len({a["submission_id"] for a in attempts}) == 2
 
+    # A driver that passes its own runtime_env to ray.init (as ingest does) joins the cluster inside
+    # the job even when an env var name appears in both.
+    code = ("import os, ray; ray.init(runtime_env={'env_vars': {'MEGACLASS_RUN_NAME': 'x', 'B': '2'}}); "
+            "print('WORKER', ray.get(ray.remote(lambda: (os.environ['B'], os.path.isfile('cluster/jobs.py')))"
+            ".options(num_cpus=0).remote()))")
+    env = {**jobs.JOB_ENV, "MEGACLASS_RUN_NAME": "smoke"}
+    driver_id = client.submit_job(entrypoint=f'python -c "{code}"', runtime_env=jobs.job_runtime_env(ROOT, env))
+    assert _wait_terminal(client, driver_id) == "SUCCEEDED", client.get_job_logs(driver_id)
+    assert "WORKER ('2', True)" in client.get_job_logs(driver_id)
+
     # Stop a long-running job.
     long_id = client.submit_job(entrypoint="sleep 120", submission_id=f"sleeper-{secrets.token_hex(2)}")
     deadline = time.monotonic() + 30

@@ -338,6 +338,8 @@ class Loader:
                           pin_memory=self.pin_memory, **kwargs)
 
     def __iter__(self) -> Iterator[Batch]:
+        # every iteration replays the epoch from `skip_batches` (a second pass is the same epoch again)
+        self.position = self.stream.skip_batches
         if self.position >= self._len:
             return
         for batch in self._dataloader():

@@ -170,3 +170,12 @@ def test_normalize():
     assert x.dtype == torch.float32 and x.abs().max() < 0.01
     white = normalize(torch.full((3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(white[:, 0, 0], torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]))
+
+
+def test_iterating_again_replays_the_epoch(dataset):
+    loader = create_loader(dataset, "train", batch_size_per_rank=6, num_workers=0, seed=1,
+                           transform=create_train_transform(16), shuffle_buffer=4)
+    first, second = [b.keys for b in loader], [b.keys for b in loader]
+    assert first == second and len(first) == len(loader) == 6
+    loader.set_epoch(1)
+    assert [b.keys for b in loader] != first and loader.position == len(loader)

@@ -11,8 +11,8 @@ staged files in, and writes `version.json` last, also create-if-absent. The clai
 version.json) is exclusive so that two publishers never write files into the same folder on object
 stores, where "moving" is copying. A folder without version.json is not a version. Create-if-absent
 is a hard link of a complete temporary file locally (atomic, never a half-written file) and
-fsspec's mode "xb" elsewhere (memory://; s3fs and gcsfs map it to a conditional put in recent
-releases; a filesystem without that primitive cannot host concurrent publishers safely).
+fsspec's mode "xb" elsewhere (memory://; s3fs maps it to a conditional put since 2025.7; a
+filesystem without that primitive cannot host concurrent publishers safely).
 
 Aliases move by compare-and-swap: the read-check-write of aliases.json happens under a lock file
 created the same create-if-absent way (held for milliseconds; a lock older than

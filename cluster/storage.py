@@ -2,8 +2,8 @@
 
 The registry's concurrency rests on one operation, creating a file only if it does not exist:
 locally a hard link of a complete temporary file (atomic, never seen half-written), elsewhere
-fsspec's mode "xb" (memory://; s3fs and gcsfs implement it as a conditional put in recent
-releases). Everything else here is built on it or is plain streaming I/O.
+fsspec's mode "xb" (memory://; s3fs sends it as a conditional put, If-None-Match, reliably for
+all file sizes since 2025.7; check other object-store filesystems before relying on it). Everything else here is built on it or is plain streaming I/O.
 """
 
 from __future__ import annotations

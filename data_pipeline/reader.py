@@ -151,8 +151,7 @@ def _slot_samples(pieces: list[Piece], *, cycle: bool, shuffle: bool, shuffle_bu
         samples = _iter_pass(order, stats)
         if shuffle and shuffle_buffer > 1:
             import webdataset as wds  # its seeded buffer shuffle; imported here to keep import time low
-            samples = wds.filters._shuffle(samples, shuffle_buffer, shuffle_buffer,
-                                           rng=_rng(*seed_parts, pass_index, "buffer"))
+            samples = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=_rng(*seed_parts, pass_index, "buffer"))(samples)
         produced = 0
         for sample in samples:
             produced += 1
@@ -264,8 +263,10 @@ class ShardStream(IterableDataset):
             order = [p if p is not None else next(stand_ins) for p in positions][: self.batch_size]
         else:
             order = [p for p in positions if p is not None]
-        if not order:
-            return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [], tuple(bad))
+        if not order:  # evaluation mode, every sample of the window bad: an empty batch keeps the count
+            size = int(getattr(self.transform, "image_size", 0))
+            return Batch(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [],
+                         tuple(bad))
         return Batch(torch.stack([good[i][0] for i in order]),
                      torch.tensor([good[i][1] for i in order], dtype=torch.int64),
                      [good[i][2] for i in order], tuple(bad))

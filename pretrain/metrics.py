@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import resource
+import socket
 import time
 from typing import Any
 
@@ -106,7 +108,8 @@ class MetricsLog:
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **values}
+        # host and pid say which process wrote the record (and which one to look at, or stop)
+        record = {"step": step, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **values}
         self.records.append(record)
         if self.local:
             with fsspec.open(self.url, "a") as f:

@@ -92,7 +92,8 @@ class Run:
         accum, progress = self.cfg.train.grad_accum_steps, self.progress
         batches = iter(self.loader(progress.epoch, skip_batches=progress.steps_in_epoch * accum))
         while progress.steps_in_epoch < self.steps_per_epoch and progress.step < self.total_steps:
-            micro = [next(batches) for _ in range(accum)]
+            with torch.random.fork_rng(devices=[]):  # DataLoader seeding draws from the global RNG;
+                micro = [next(batches) for _ in range(accum)]  # keep it off the training stream (exact resume)
             timer.data_ready()
             if self.cfg.log.sample_keys:
                 self._log_keys(progress.step + 1, micro)

@@ -40,7 +40,8 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
           report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train until train.max_steps (or epochs / total_samples); returns the final metrics.
 
-    report(metrics) is called on rank 0 after each checkpoint with {"step", ..., "checkpoint": url}.
+    report(metrics) is called on every rank after each checkpoint with {"step", ..., "checkpoint": url}
+    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's).
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
@@ -58,7 +59,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 stop = bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
                     url = save_run_checkpoint(run, last, final=step == run.total_steps)
-                    if report is not None and dist.is_main:
+                    if report is not None:  # every rank: Ray Train's report is a barrier
                         report({**last, "step": step, "checkpoint": url})
                 if stop:
                     log.warning("stopping at step %d on request (SIGTERM); checkpoint written", step)
@@ -97,6 +98,7 @@ def train_step(run: Run, micro_batches: list) -> float:
         clip_global_grad_norm(run, cfg.train.grad_clip_norm)
     run.optimizer.step()
     run.progress.step += 1
+    run.progress.steps_in_epoch += 1
     run.scheduler.step_update(num_updates=run.progress.step)
     if run.ema is not None:
         run.ema.update(run.backbone, step=run.progress.step)
@@ -122,6 +124,7 @@ def clip_global_grad_norm(run: Run, max_norm: float) -> float:
 
 
 @torch.no_grad()
+@torch.random.fork_rng(devices=[])  # evaluating must not move the training RNG (exact resume)
 def evaluate(run: Run) -> dict[str, float]:
     """Held-out top-1/top-5 over log.eval_batches batches per rank (collective: every rank evaluates)."""
     loader = run.eval_loader()
@@ -160,9 +163,9 @@ def log_step(run: Run, metrics_log: MetricsLog, timer: StepTimer, losses: list[f
     return values
 
 
-def train_from_dict(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def train_from_dict(cfg_dict: dict[str, Any], report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Entry point for cluster.runtime (Ray Train): the config as a plain dict."""
-    return train(from_dict(PretrainConfig, cfg_dict))
+    return train(from_dict(PretrainConfig, cfg_dict), report=report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,46 @@
+"""`megaclass pretrain --config FILE [--set k=v] [--ray-address ADDR] [--no-ray]`: dataset -> run dir.
+
+Runs pretrain.train on `scaling.num_workers` Ray Train workers: a local Ray without --ray-address,
+the cluster at ADDR with it. --no-ray runs the same training function in this process (one worker,
+for debugging). Config mistakes exit 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from data_pipeline.config import to_dict
+from pretrain.config import load_pretrain_config
+
+NAME = "pretrain"
+HELP = "pretrain a backbone with a sharded 100k-class head on a dataset (Ray Train, DDP)"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see configs/pretrain_*.yaml and docs/pretrain.md)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train.max_steps=100 (repeatable)")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local Ray")
+    parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker), without Ray")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.set) + (["scaling.num_workers=1"] if args.no_ray else [])
+    cfg = load_pretrain_config(args.config, overrides)  # ConfigError -> exit 2, before Ray starts
+    if args.no_ray:
+        from pretrain.train import train
+        summary = train(cfg)
+    else:
+        from cluster.runtime import ray_session, run_torch_trainer
+        with ray_session(args.ray_address):
+            summary = run_torch_trainer("pretrain.train:train_from_dict", to_dict(cfg),
+                                        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                        max_failures=cfg.scaling.max_failures, storage_url=cfg.checkpoint.url,
+                                        name="ray", cpus_per_worker=cfg.scaling.cpus_per_worker)
+    final = cfg.checkpoint.url.rstrip("/") + "/final"
+    top1 = summary.get("eval_top1")
+    print(f"final checkpoint: {final} (step {summary.get('step')}"
+          + (f", held-out top-1 {top1:.4f})" if isinstance(top1, float) else ")"))
+    return 143 if summary.get("preempted") else 0

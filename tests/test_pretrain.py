@@ -1,0 +1,171 @@
+"""Pretraining end to end on CPU with a tiny timm model at 32 px: exact resume, SIGTERM, torchrun with
+2 ranks on 5 unequal shards, resume on another world size, and 2 Ray Train workers surviving a SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from pretrain.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from pretrain.config import load_pretrain_config
+from pretrain.metrics import read_metrics
+from pretrain.train import train
+from tests.datasets import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
+       "MALLOC_TRIM_THRESHOLD_": "1073741824", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain") / "ds"
+    return make_dataset(root, {"train": [37, 21, 50, 9, 43], "validation": [16]}, num_classes=6, image_size=32)
+
+
+def overrides(dataset, run, **extra):
+    base = {"data.url": dataset, "checkpoint.url": str(run), "model.arch": "test_resnet", "data.image_size": 32,
+            "data.num_workers": 0, "data.shuffle_buffer": 32, "train.global_batch_size": 8, "train.channels_last": False,
+            "optim.name": "adamw", "optim.lr": 0.01, "optim.warmup_steps": 2, "log.every_steps": 2,
+            "log.eval_batches": 1, "log.eval_batch_size": 8, "train.num_threads": 1, "scaling.num_workers": 1}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def keys(run, rank=0):
+    return Path(run, f"keys-rank-{rank}.txt").read_text().splitlines()
+
+
+def test_exact_resume_after_sigterm(dataset, tmp_path):
+    common = dict(**{"train.max_steps": 6, "checkpoint.every_steps": 3, "train.deterministic": True,
+                     "log.sample_keys": True, "loss.mixup": 0.5, "loss.cutmix": 0.5, "loss.label_smoothing": 0.1,
+                     "train.grad_clip_norm": 1.0, "model.drop_path_rate": 0.1, "train.grad_accum_steps": 2})
+    straight = tmp_path / "straight"
+    train(load_pretrain_config(None, overrides(dataset, straight, **common)))
+
+    interrupted = tmp_path / "interrupted"
+    cfg = load_pretrain_config(None, overrides(dataset, interrupted, **common))
+    # Preemption arrives right after the step-3 checkpoint: step 4 finishes, is checkpointed, and train returns.
+    first = train(cfg, report=lambda m: m["step"] == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    assert first["preempted"] and first["step"] == 4
+    assert latest_checkpoint(str(interrupted)).endswith("step-00000004")
+    second = train(cfg)
+    assert not second["preempted"] and second["step"] == 6
+
+    assert keys(interrupted) == keys(straight) and len(keys(straight)) == 6 * 2
+    a, b = (load_file(f"{run}/final/model.safetensors") for run in (straight, interrupted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(str(interrupted))] == [2, 4, 6]
+    assert (interrupted / "curves.png").stat().st_size > 0 and any((interrupted / "tensorboard").iterdir())
+
+
+def test_corrupted_latest_checkpoint_is_refused(dataset, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_pretrain_config(None, overrides(dataset, run, **{"train.max_steps": 2, "checkpoint.every_steps": 2}))
+    train(cfg)
+    latest = latest_checkpoint(str(run))
+    shard = next(Path(latest, "train_state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="distcp: sha256 mismatch"):
+        train(load_pretrain_config(None, overrides(dataset, run, **{"train.max_steps": 4})))
+
+
+def _torchrun(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29533",
+           "-m", "pretrain.train", *sum((["--set", a] for a in args), [])]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=500)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_unequal_shards_then_resume_on_one(dataset, tmp_path):
+    run = tmp_path / "run"
+    # 160 samples / (2 ranks x 4) = 20 batches per rank; 5 unequal shards over 2 ranks x 2 loader workers.
+    args = overrides(dataset, run, **{"scaling.num_workers": 2, "data.num_workers": 2, "train.epochs": 1,
+                                      "log.sample_keys": True, "checkpoint.every_steps": 10})
+    done = _torchrun(args, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps_0, steps_1 = keys(run, 0), keys(run, 1)
+    assert len(steps_0) == len(steps_1) == 20
+    seen = [k for line in steps_0 + steps_1 for k in line.split("\t")[1].split()]
+    assert len(seen) == len(set(seen)) == 160  # disjoint across ranks, no sample twice in the epoch
+    two_rank = load_checkpoint(latest_checkpoint(str(run)))
+    assert two_rank.megaclass["world_size"] == 2 and two_rank.megaclass["step"] == 20
+
+    # Same run dir, one rank: the head saved in two shards is resharded into one and training goes on.
+    result = train(load_pretrain_config(None, overrides(dataset, run, **{"train.epochs": 2,
+                                                                       "checkpoint.every_steps": 100})))
+    assert result["step"] == 40
+    final = load_checkpoint(f"{run}/final")
+    assert final.megaclass["world_size"] == 1 and final.megaclass["step"] == 40
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records][:10] == list(range(2, 21, 2))  # two-rank part kept, then continued
+    model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+
+
+def _resume_state_matches(run):
+    """The two-rank head, loaded at world size 1, equals the gathered head published with it."""
+    from pretrain.dist import DistInfo
+    from pretrain.head import ShardedClassifierHead
+    from pretrain.train_state import load_train_state
+    from timm.optim import create_optimizer_v2
+    ckpt_url = list_checkpoints(str(run))[0]
+    backbone = timm.create_model("test_resnet", num_classes=0)
+    head = ShardedClassifierHead(backbone.num_features, 6, DistInfo(), init_seed=123)
+    optimizer = create_optimizer_v2(torch.nn.ModuleDict({"b": backbone, "h": head}), opt="adamw", lr=0.1)
+    progress = load_train_state(f"{ckpt_url}/train_state", backbone=backbone, head=head, optimizer=optimizer,
+                                ema=None, dist=DistInfo())
+    published = load_checkpoint(ckpt_url).state_dict
+    return progress, torch.equal(head.weight, published["fc.weight"]) and torch.equal(head.bias, published["fc.bias"])
+
+
+@pytest.mark.slow
+def test_ray_two_workers_survive_sigkill(dataset, tmp_path):
+    from cluster.runtime import ray_session, run_torch_trainer
+    from data_pipeline.config import to_dict
+    run = tmp_path / "run"
+    cfg = load_pretrain_config(None, overrides(dataset, run, **{
+        "scaling.num_workers": 2, "scaling.max_failures": 1, "train.max_steps": 40, "checkpoint.every_steps": 4,
+        "checkpoint.keep": 2, "log.every_steps": 1, "train.global_batch_size": 4}))
+    result: dict = {}
+
+    def fit():
+        result.update(run_torch_trainer("pretrain.train:train_from_dict", to_dict(cfg), num_workers=2, use_gpu=False,
+                                        max_failures=1, storage_url=str(run), name="ray"))
+
+    killed = []
+    with ray_session(None, num_cpus=4):
+        thread = threading.Thread(target=fit)
+        thread.start()
+        deadline = time.time() + 400
+        while not killed and thread.is_alive() and time.time() < deadline:
+            records = [r for r in read_metrics(str(run)) if r["step"] >= 6] if (run / "metrics.jsonl").exists() else []
+            if records and list_checkpoints(str(run)):
+                os.kill(records[-1]["pid"], signal.SIGKILL)  # rank 0's Ray worker process, mid-run
+                killed.append((records[-1]["pid"], records[-1]["step"]))
+            time.sleep(0.2)
+        thread.join(timeout=500)
+    assert killed, "the run ended before a worker could be killed"
+    assert result.get("step") == 40 and result.get("preempted") is False
+    pids = {r["pid"] for r in read_metrics(str(run))}
+    assert killed[0][0] in pids and len(pids) == 2  # a second worker group finished the run
+    assert [r["step"] for r in read_metrics(str(run))] == list(range(1, 41))
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
+    ckpt = load_checkpoint(f"{run}/final")
+    assert ckpt.megaclass["step"] == 40 and ckpt.megaclass["world_size"] == 2
+    assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000036", "step-00000040"]
+    from pretrain.checkpoint import create_model_from_checkpoint
+    assert torch.equal(model(x), create_model_from_checkpoint(ckpt).eval()(x))
+    progress, head_equal = _resume_state_matches(run)
+    assert head_equal and progress.world_size == 2 and progress.step == 36

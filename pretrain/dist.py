@@ -58,7 +58,7 @@ def _pick_device(backend: str, local_rank: int, use_gpu: bool | None) -> torch.d
         cuda_ok = False  # a gloo job without an explicit GPU request is a CPU job
     if not cuda_ok:
         return torch.device("cpu")
-    # Ray Train narrows CUDA_VISIBLE_DEVICES to the worker's GPU, so a single visible device is ours.
+    # torchrun: one process per GPU on a node, LOCAL_RANK picks it (one visible GPU: it is ours).
     num_gpus = torch.cuda.device_count()
     return torch.device("cuda", 0 if num_gpus == 1 else local_rank % num_gpus)
 
@@ -74,7 +74,8 @@ def init_distributed(backend: str | None = None, *, use_gpu: bool | None = None)
         group_backend = str(torch_dist.get_backend())
         device = _pick_device(group_backend, local_rank, use_gpu)
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            # Ray Train selects the worker's GPU with torch.cuda.set_device before calling us.
+            device = torch.device("cuda", torch.cuda.current_device())
         return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device,
                         group_backend, owns_group=False)
 
@@ -114,8 +115,7 @@ def barrier(dist: DistInfo) -> None:
 def _as_tensor(value: float | int | torch.Tensor, dist: DistInfo) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to(dist.device).clone()
-    return torch.tensor(float(value), dtype=torch.float64 if dist.backend != "nccl" else torch.float32,
-                        device=dist.device)
+    return torch.tensor(float(value), dtype=torch.float64, device=dist.device)
 
 
 def _reduce(value, dist: DistInfo, op, mean: bool):

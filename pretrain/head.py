@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.dist import DistInfo, all_gather, all_gather_with_grad, all_reduce_, broadcast_object
+from pretrain.dist import (DistInfo, all_gather, all_gather_with_grad, all_reduce_, all_reduce_sum,
+                           broadcast_object)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -131,23 +132,26 @@ def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
 def sharded_cross_entropy(local_logits: torch.Tensor, targets_global: torch.Tensor, dist: DistInfo, *,
                           class_start: int, label_smoothing: float = 0.0,
                           targets_b: torch.Tensor | None = None, lam: float | torch.Tensor = 1.0,
-                          _index_map: torch.Tensor | None = None) -> torch.Tensor:
+                          column_map: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the global batch; the same value on every rank.
 
     local_logits [B_global, end - start]: this rank's classes for the whole global batch.
     targets_global [B_global] int64 class ids. Mixup/cutmix: loss = lam * CE(targets) +
     (1 - lam) * CE(targets_b), lam a float or a [B_global] tensor, both with label smoothing.
+    column_map [end - start]: column of local_logits for each of this rank's classes, -1 when not
+    scored (sampled logits, see ShardedClassifierHead.forward_loss); None = column i is class start+i.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     batch, width = local_logits.shape
     if targets_b is None:
         targets_b, lam = targets_global, 1.0
-    index_a = _local_index(targets_global, class_start, width if _index_map is None else len(_index_map))
-    index_b = _local_index(targets_b, class_start, width if _index_map is None else len(_index_map))
-    if _index_map is not None:  # sampled columns: local class -> column, -1 when not sampled here
-        index_a = torch.where(index_a >= 0, _index_map[index_a.clamp(min=0)], -1)
-        index_b = torch.where(index_b >= 0, _index_map[index_b.clamp(min=0)], -1)
+    num_local = width if column_map is None else len(column_map)
+    index_a = _local_index(targets_global, class_start, num_local)
+    index_b = _local_index(targets_b, class_start, num_local)
+    if column_map is not None:
+        index_a = torch.where(index_a >= 0, column_map[index_a.clamp(min=0)], -1)
+        index_b = torch.where(index_b >= 0, column_map[index_b.clamp(min=0)], -1)
     lam = _lam_tensor(lam, batch, local_logits.device)
     return _ShardedCrossEntropy.apply(local_logits, index_a, index_b, lam, float(label_smoothing), dist)
 
@@ -265,13 +269,13 @@ class ShardedClassifierHead(nn.Module):
                                          label_smoothing=label_smoothing, targets_b=targets_b, lam=lam)
             return HeadOutput(loss, logits, targets, None)
         columns = self.sample_columns(targets, targets_b)
-        index_map = torch.full((self.end - self.start,), -1, dtype=torch.long, device=columns.device)
-        index_map[columns] = torch.arange(len(columns), device=columns.device)
+        column_map = torch.full((self.end - self.start,), -1, dtype=torch.long, device=columns.device)
+        column_map[columns] = torch.arange(len(columns), device=columns.device)
         bias = None if self.bias is None else self.bias[columns]
         logits = F.linear(features, self.weight[columns], bias)
         loss = sharded_cross_entropy(logits, targets, self.dist, class_start=self.start,
                                      label_smoothing=label_smoothing, targets_b=targets_b, lam=lam,
-                                     _index_map=index_map)
+                                     column_map=column_map)
         return HeadOutput(loss, logits, targets, columns + self.start)
 
     def sample_columns(self, targets: torch.Tensor, targets_b: torch.Tensor | None = None) -> torch.Tensor:
@@ -307,3 +311,29 @@ class ShardedClassifierHead(nn.Module):
             if tuple(state[name].shape) != shape:
                 raise ValueError(f"head state '{name}' has shape {tuple(state[name].shape)}, expected {shape}")
             getattr(self, name).copy_(slice_rows(state[name], self.num_classes, self.dist))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with every class (collective: all ranks call it), e.g. for evaluating
+        on rank 0 alone or for building the published timm model's classifier."""
+        state = self.full_state()
+        linear = nn.Linear(self.num_features, self.num_classes, bias=self.bias is not None,
+                           device=self.weight.device)
+        linear.load_state_dict(state)
+        return linear
+
+
+def clip_grad_norm_(replicated_params, sharded_params, max_norm: float, dist: DistInfo) -> float:
+    """torch.nn.utils.clip_grad_norm_ for a DDP backbone plus a sharded head: the head's squared norm
+    is summed over ranks (each holds different rows), the backbone's (identical on all ranks) is not.
+    Returns the total norm before clipping, the same on every rank."""
+    replicated = [p.grad for p in replicated_params if p.grad is not None]
+    sharded = [p.grad for p in sharded_params if p.grad is not None]
+    device = (replicated + sharded)[0].device if replicated + sharded else dist.device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sharded_sq = all_reduce_sum(sum((g.detach().double().pow(2).sum() for g in sharded), zero), dist)
+    total = (sharded_sq + sum((g.detach().double().pow(2).sum() for g in replicated), zero)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in replicated + sharded:
+        g.mul_(scale.to(g.dtype))
+    return float(total.item())

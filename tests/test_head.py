@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.dist import DistInfo, all_gather_with_grad, cleanup, init_distributed
-from pretrain.head import (ShardedClassifierHead, gather_rows, sharded_argmax, sharded_cross_entropy,
+from pretrain.head import (ShardedClassifierHead, clip_grad_norm_, gather_rows, sharded_argmax, sharded_cross_entropy,
                            sharded_topk_correct)
 
 WORLD = 2
@@ -81,6 +81,12 @@ def _grad_case(dist: DistInfo, seed: int, num_classes: int, eps: float, mixup, u
               (gather_rows(head.bias.grad, num_classes, dist) - linear_ref.bias.grad).abs().max().item()]
     errors += [(p.grad - p_ref.grad).abs().max().item()
                for p, p_ref in zip(backbone.parameters(), backbone_ref.parameters())]
+    norm = clip_grad_norm_(backbone.parameters(), head.parameters(), 0.5, dist)
+    norm_ref = nn.utils.clip_grad_norm_([*backbone_ref.parameters(), *linear_ref.parameters()], 0.5)
+    errors += [abs(norm - norm_ref.item()),
+               (gather_rows(head.weight.grad, num_classes, dist) - linear_ref.weight.grad).abs().max().item()]
+    dense = head.to_dense()
+    errors += [(dense.weight - linear_ref.weight).abs().max().item()]
     return max(errors)
 
 

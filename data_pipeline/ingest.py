@@ -124,6 +124,7 @@ class IngestConfig:
         options = to_dict(self)
         del options["runtime"]
         del options["fetch"]["threads"]
+        del options["output"]["max_failed_fraction"]  # a check on the result, not an input to it
         return options
 
 

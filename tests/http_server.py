@@ -112,7 +112,8 @@ class LoopbackServer:
 
     def stop(self) -> None:
         self._server.stopping.set()
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, which must have started
+            self._server.shutdown()
         self._server.server_close()
 
     def __enter__(self) -> "LoopbackServer":

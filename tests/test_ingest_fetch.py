@@ -1,0 +1,124 @@
+"""Fetching under the ingestion rules, against a real loopback HTTP server (no Ray)."""
+
+import ipaddress
+import threading
+import time
+
+import pytest
+
+from data_pipeline.config import ConfigError
+from data_pipeline.fetch import FetchOptions, fetch, opted_out
+from data_pipeline.netpolicy import NetworkPolicy
+from http_server import LoopbackServer
+
+LOOPBACK = NetworkPolicy.from_cidrs(["127.0.0.0/8"])
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LoopbackServer() as s:
+        s.add("/ok.jpg", b"IMAGE")
+        s.add("/err", status=500)
+        s.add("/slow", b"late", delay_s=3.0)
+        s.add("/r1", status=302, location="/r2")
+        s.add("/r2", status=301, location="/ok.jpg")
+        s.add("/loop-a", status=302, location="/loop-b")
+        s.add("/loop-b", status=302, location="/loop-a")
+        for i in range(8):
+            s.add(f"/chain{i}", status=302, location=f"/chain{i + 1}")
+        s.add("/endless", endless=True)
+        s.add("/big", b"x" * 5000)
+        s.add("/noai", b"IMAGE", headers={"X-Robots-Tag": "noindex"})
+        s.add("/noimageai", b"IMAGE", headers={"X-Robots-Tag": ["nofollow", "noimageai"]})
+        s.add("/otherbot", b"IMAGE", headers={"X-Robots-Tag": "otherbot: noai"})
+        s.add("/to-metadata", status=302, location="http://169.254.169.254/latest/meta-data/")
+        yield s
+
+
+def opts(**kw):
+    kw.setdefault("policy", LOOPBACK)
+    kw.setdefault("timeout_s", 2.0)
+    return FetchOptions(**kw)
+
+
+def test_ok_and_http_errors(server):
+    assert fetch(server.url("/ok.jpg"), opts()).data == b"IMAGE"
+    assert fetch(server.url("/nothing"), opts()).reason == "http_404"
+    assert fetch(server.url("/err"), opts()).reason == "http_500"
+
+
+def test_loopback_refused_by_default(server):
+    result = fetch(server.url("/ok.jpg"), FetchOptions())
+    assert result.data is None and result.reason == "blocked_address"
+    assert server.hits["/ok.jpg"] >= 1  # from the other tests only; the check happens before connecting
+
+
+def test_redirects(server):
+    result = fetch(server.url("/r1"), opts())
+    assert result.data == b"IMAGE" and result.final_url == server.url("/ok.jpg")
+    assert fetch(server.url("/loop-a"), opts()).reason == "redirect_loop"
+    assert fetch(server.url("/chain0"), opts(max_redirects=3)).reason == "too_many_redirects"
+    assert fetch(server.url("/r1"), opts(max_redirects=1)).reason == "too_many_redirects"
+
+
+def test_redirect_to_refused_address_is_blocked_per_hop(server):
+    assert fetch(server.url("/to-metadata"), opts()).reason == "blocked_address"
+
+
+def test_timeout(server):
+    start = time.monotonic()
+    assert fetch(server.url("/slow"), opts(timeout_s=0.5)).reason == "timeout"
+    assert time.monotonic() - start < 2.5
+
+
+def test_endless_body_is_capped_not_read(server):
+    start = time.monotonic()
+    assert fetch(server.url("/endless"), opts(max_bytes=1 << 20)).reason == "too_large"
+    assert time.monotonic() - start < 2.0
+    assert fetch(server.url("/big"), opts(max_bytes=4000)).reason == "too_large"  # by Content-Length
+
+
+def test_optout_headers(server):
+    assert fetch(server.url("/noai"), opts()).reason == "opt_out"
+    assert fetch(server.url("/noimageai"), opts()).reason == "opt_out"
+    assert fetch(server.url("/otherbot"), opts()).data == b"IMAGE"
+    assert fetch(server.url("/noai"), opts(honour_optout=False)).data == b"IMAGE"
+    assert opted_out(["megaclass: noai"], ["noai"]) and opted_out(["*: noimageai"], ["noimageai"])
+    assert not opted_out(["nofollow, noarchive"], ["noai"])
+
+
+def test_connection_errors_and_bad_urls(server, tmp_path):
+    refused = LoopbackServer()
+    port = refused.port
+    refused.stop()  # nothing listens on this port any more
+    assert fetch(f"http://127.0.0.1:{port}/x.jpg", opts()).reason == "connection_error"
+    assert fetch("http:///nohost.jpg", opts()).reason == "bad_url"
+    assert fetch("http://no-such-host.invalid/x.jpg", opts()).reason == "dns_error"
+    (tmp_path / "a.bin").write_bytes(b"1234")
+    assert fetch(f"file://{tmp_path}/a.bin", opts()).data == b"1234"
+    assert fetch(f"file://{tmp_path}/a.bin", opts(max_bytes=3)).reason == "too_large"
+    assert fetch(f"file://{tmp_path}/none.bin", opts()).reason == "not_found"
+
+
+def test_policy_ranges():
+    default = NetworkPolicy()
+    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "224.0.0.1", "0.0.0.0",
+                    "240.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1", "fc00::1"):
+        assert not default.permits(ipaddress.ip_address(address)), address
+    assert default.permits(ipaddress.ip_address("8.8.8.8"))
+    opened = NetworkPolicy.from_cidrs(["10.0.0.0/8"])
+    assert opened.permits(ipaddress.ip_address("10.1.2.3"))
+    assert not opened.permits(ipaddress.ip_address("192.168.0.1"))
+    with pytest.raises(ConfigError, match="not-a-cidr"):
+        NetworkPolicy.from_cidrs(["not-a-cidr"])
+
+
+def test_concurrent_fetches_share_nothing(server):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(server.url("/r1"), opts()).data))
+               for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [b"IMAGE"] * 16

@@ -53,7 +53,7 @@ def _warm_up_libraries(dist: DistInfo, num_features: int, batch_per_rank: int) -
 
 
 def _measure(dist: DistInfo, num_classes: int, num_features: int, batch_per_rank: int,
-             warmup_steps: int, steps: int) -> dict:
+             warmup_steps: int, steps: int, keep_grads: bool = False) -> dict:
     torch.manual_seed(dist.rank)
     _warm_up_libraries(dist, num_features, batch_per_rank)
     rss_before = _rss_bytes()
@@ -68,14 +68,16 @@ def _measure(dist: DistInfo, num_classes: int, num_features: int, batch_per_rank
         loss.backward()
         t1 = time.perf_counter()
         optimizer.step()
-        # Keep gradient buffers: freeing them re-faults hundreds of MB of fresh pages every step.
-        optimizer.zero_grad(set_to_none=False)
+        # keep_grads saves re-faulting fresh gradient pages each step, but backward then adds a new
+        # weight-sized gradient into the kept one: a transient that raises the peak by one weight.
+        optimizer.zero_grad(set_to_none=not keep_grads)
         features.grad = None
         t2 = time.perf_counter()
         if step >= warmup_steps:
             fwd_bwd_s.append(t1 - t0)
             step_s.append(t2 - t0)
-    tensors = list(head.parameters()) + [p.grad for p in head.parameters()]
+    # gradients are as large as their parameters (they may be freed right now: keep_grads=False)
+    tensors = list(head.parameters()) * 2
     tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     state_bytes = sum(t.numel() * t.element_size() for t in tensors)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -111,13 +113,15 @@ def _free_port() -> int:
 
 
 def run_head_bench(classes=(1000, 10_000, 100_000), worlds=(1, 2), *, num_features: int = 2048,
-                   batch_per_rank: int = 32, warmup_steps: int = 2, steps: int = 5) -> list[dict]:
+                   batch_per_rank: int = 32, warmup_steps: int = 2, steps: int = 5,
+                   keep_grads: bool = False) -> list[dict]:
     """One row per (C, world): rank 0's figures (state and rss are per rank, times the slowest)."""
     rows = []
     for num_classes in classes:
         for world_size in worlds:
             kwargs = dict(num_classes=num_classes, num_features=num_features,
-                          batch_per_rank=batch_per_rank, warmup_steps=warmup_steps, steps=steps)
+                          batch_per_rank=batch_per_rank, warmup_steps=warmup_steps, steps=steps,
+                          keep_grads=keep_grads)
             with tempfile.TemporaryDirectory() as out_dir:
                 mp.spawn(_worker, args=(world_size, _free_port(), out_dir, kwargs), nprocs=world_size)
                 per_rank = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world_size)]
@@ -157,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-per-rank", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--keep-grads", action="store_true",
+                        help="zero_grad(set_to_none=False) instead of freeing gradients each step")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     rows = run_head_bench(args.classes, args.worlds, num_features=args.num_features,
-                          batch_per_rank=args.batch_per_rank, warmup_steps=args.warmup_steps, steps=args.steps)
+                          batch_per_rank=args.batch_per_rank, warmup_steps=args.warmup_steps, steps=args.steps,
+                          keep_grads=args.keep_grads)
     print(f"sharded head: F={args.num_features}, batch {args.batch_per_rank}/rank, fp32, fused AdamW, "
-          f"gloo on CPU, 1 thread per rank, torch {torch.__version__}")
+          f"gloo on CPU, 1 thread per rank, keep_grads={args.keep_grads}, torch {torch.__version__}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,138 @@
+"""The Ray runner and the CLI: task per shard, worker SIGKILL retried, driver SIGKILL resumed.
+
+Every run must end byte-identical to the plain (no Ray) run of the same plan: shards, index
+parts, classes.parquet, manifest.json and _info.json.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from cluster.ingest_runner import run_ingest
+from data_pipeline import dataset
+from data_pipeline.config import replace
+from data_pipeline.ingest import IngestConfig, finalize, plan_shards, write_shard
+from http_server import LoopbackServer
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_ROWS = 24
+FLAGS = ["--allow-network", "127.0.0.0/8", "--shard-size", "4", "--threads", "1", "--image-size", "32",
+         "--timeout-s", "5"]
+CFG = replace(IngestConfig(), ["fetch.allow_networks=[127.0.0.0/8]", "output.shard_size=4", "fetch.threads=1",
+                               "image.image_size=32", "fetch.timeout_s=5", "runtime.progress=false"])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory):
+    """24 images served with a delay, so a run lasts long enough to be killed in the middle."""
+    tmp = tmp_path_factory.mktemp("src")
+    with LoopbackServer() as server:
+        urls = []
+        for i in range(NUM_ROWS):
+            buf = io.BytesIO()
+            Image.new("RGB", (48 + i, 40), (i * 10 % 255, 100, 50)).save(buf, "JPEG", quality=85)
+            urls.append(server.add(f"/img{i}.jpg", buf.getvalue(), delay_s=0.25))
+        urls[5] = server.url("/missing.jpg")
+        pq.write_table(pa.table({"url": urls, "label": [f"class{i % 5}" for i in range(NUM_ROWS)]}),
+                       str(tmp / "src.parquet"))
+        reference = str(tmp / "reference")
+        plan = plan_shards(str(tmp / "src.parquet"), reference, CFG)
+        finalize(plan, [write_shard(plan.task(i), CFG) for i in range(plan.num_tasks)], CFG)
+        yield str(tmp / "src.parquet"), Path(reference)
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    files_a, files_b = dataset_files(a), dataset_files(b)
+    assert sorted(files_a) == sorted(files_b)
+    assert len([n for n in files_a if n.startswith("shards/")]) >= 5
+    for name in files_a:
+        assert files_a[name] == files_b[name], name
+
+
+def task_worker_pids() -> list[int]:
+    """Ray workers currently running a shard task (Ray sets their process title)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::_write_shard_task"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_source, tmp_path):
+    source, reference = slow_source
+    killed = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            pids = task_worker_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    manifest = run_ingest(source, str(tmp_path / "out"), CFG)
+    killer.join()
+    assert killed, "no shard task was running to kill"
+    assert manifest["totals"]["train"]["rows"] == NUM_ROWS and manifest["totals"]["train"]["ok"] == NUM_ROWS - 1
+    assert_identical(reference, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path):
+    source, reference = slow_source
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "cluster", "ingest", source, str(out), *FLAGS, "--no-progress"]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "index").glob("part-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list((out / "index").glob("part-*.parquet")))
+    assert 1 <= committed < NUM_ROWS // 4 and not (out / "manifest.json").exists()
+
+    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "split" in rerun.stdout and f"{NUM_ROWS} rows" in rerun.stdout
+    assert_identical(reference, out)
+    verify = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and "OK" in verify.stdout
+
+    shard = out / "shards" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    broken = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 1 and "train-000001.tar" in broken.stdout

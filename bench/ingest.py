@@ -1,0 +1,213 @@
+"""Ingestion throughput against its ceiling and against img2dataset, in one run.
+
+    .venv/bin/python bench/ingest.py --num-images 1000          # full run (installs img2dataset once)
+    .venv/bin/python bench/ingest.py --num-images 200 --skip-img2dataset
+
+1. Makes N web-like JPEGs (500x375 .. 1024x768, ~100 kB at q90: smooth noise + gradients, so they
+   compress like photos) under .bench/ingest/, cached between runs, and serves them from the
+   loopback test server (tests/http_server.py).
+2. Ceiling: the same bytes decoded with PIL draft mode, resized to shorter side 256 and encoded
+   at q90, on one core, no I/O.
+3. megaclass: `run_ingest` on a local Ray with one CPU per core, from the loopback URLs.
+4. img2dataset in its own venv (.bench/img2dataset-venv, `pip install img2dataset`), same URLs,
+   `--resize_mode keep_ratio --image_size 256 --encode_quality 90`, one process per core.
+5. Memory: an endless response fetched with the default cap; peak RSS must stay far below it.
+Prints images/s per core for each and the ratios (targets: >= 0.8 of the ceiling, >= 1.5x img2dataset).
+The loopback server runs on the same cores, so both downloaders pay for it equally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+WORK = ROOT / ".bench" / "ingest"
+I2D_VENV = ROOT / ".bench" / "img2dataset-venv"
+for name, value in {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
+                    "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(name, value)
+
+from http_server import LoopbackServer  # noqa: E402
+
+
+def make_image(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    width = int(rng.integers(500, 1025))
+    height = int(np.clip(width * rng.uniform(0.7, 0.8), 375, 768))
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    mid = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BICUBIC)
+    pixels = 0.6 * np.asarray(coarse, np.float32) + 0.3 * np.asarray(mid, np.float32)
+    pixels += np.linspace(0, 40, width, dtype=np.float32)[None, :, None]
+    pixels += rng.normal(0, 6, (height, width, 3)).astype(np.float32)  # sensor-like grain sets the size
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def images(num: int) -> list[bytes]:
+    folder = WORK / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(num):
+        path = folder / f"{i:06d}.jpg"
+        if not path.exists():
+            path.write_bytes(make_image(i))
+        out.append(path.read_bytes())
+    return out
+
+
+def ceiling(data: list[bytes], size: int, quality: int) -> float:
+    """Images/s on one core: draft decode, resize, encode; no I/O, no Python around it but the loop."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    start = time.perf_counter()
+    for blob in data:
+        im = Image.open(io.BytesIO(blob))
+        w, h = im.size
+        scale = size / min(w, h)
+        target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        im.draft("RGB", target)
+        im = im.convert("RGB").resize(target, Image.BICUBIC)
+        im.save(io.BytesIO(), "JPEG", quality=quality)
+    elapsed = time.perf_counter() - start
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
+    return len(data) / elapsed
+
+
+def _warm_worker() -> int:
+    import data_pipeline.ingest  # noqa: F401
+    import webdataset  # noqa: F401  (imports torch: seconds, once per worker, not per shard)
+    time.sleep(1.0)  # hold the CPU slot so every warm-up lands on its own worker
+    return os.getpid()
+
+
+def run_megaclass(urls: list[str], cores: int) -> tuple[float, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from cluster.ingest_runner import WORKER_ENV, run_plan
+    from data_pipeline.config import replace
+    from data_pipeline.ingest import IngestConfig, finalize, plan_shards
+
+    source = WORK / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "label": [f"c{i % 10}" for i in range(len(urls))]}), str(source))
+    out = WORK / "megaclass-out"
+    shutil.rmtree(out, ignore_errors=True)
+    shard_size = max(1, len(urls) // (4 * cores))
+    cfg = replace(IngestConfig(), ["fetch.allow_networks=[127.0.0.0/8]", f"output.shard_size={shard_size}",
+                                   "runtime.progress=false", "output.max_failed_fraction=1.0"])
+    global _warm_worker
+    _warm_worker = ray.remote(num_cpus=1)(_warm_worker)
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    ray.get([_warm_worker.remote() for _ in range(cores)])  # workers started and imports done before timing
+    try:
+        start = time.perf_counter()
+        plan = plan_shards(str(source), str(out), cfg)
+        results = run_plan(plan, cfg)
+        manifest = finalize(plan, results, cfg)
+        elapsed = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return elapsed, manifest["totals"]["train"]["ok"]
+
+
+def install_img2dataset() -> Path | None:
+    python = I2D_VENV / "bin" / "python"
+    if not (I2D_VENV / "bin" / "img2dataset").exists():
+        print("installing img2dataset into", I2D_VENV, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", "img2dataset"], capture_output=True, text=True)
+        if done.returncode != 0:
+            print("img2dataset could not be installed (offline?):", done.stderr.strip().splitlines()[-1:])
+            return None
+    return I2D_VENV / "bin" / "img2dataset"
+
+
+def run_img2dataset(binary: Path, urls: list[str], cores: int) -> tuple[float, int]:
+    url_list = WORK / "urls.txt"
+    url_list.write_text("\n".join(urls) + "\n")
+    out = WORK / "img2dataset-out"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [str(binary), "--url_list", str(url_list), "--input_format", "txt", "--output_format", "webdataset",
+               "--output_folder", str(out), "--resize_mode", "keep_ratio", "--image_size", "256",
+               "--encode_quality", "90", "--processes_count", str(cores), "--thread_count", "32",
+               "--number_sample_per_shard", str(max(1, len(urls) // (4 * cores))), "--timeout", "10",
+               "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""))
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        print("img2dataset failed:", done.stderr[-2000:])
+        return elapsed, 0
+    ok = sum(1 for p in out.rglob("*.jpg")) + sum(_tar_jpgs(p) for p in out.glob("*.tar"))
+    return elapsed, ok
+
+
+def _tar_jpgs(path: Path) -> int:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return sum(1 for m in tar.getmembers() if m.name.endswith(".jpg"))
+
+
+def endless_peak_rss_mb(server: LoopbackServer) -> tuple[str, float, float]:
+    from data_pipeline.fetch import FetchOptions, fetch
+    from data_pipeline.netpolicy import NetworkPolicy
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = fetch(server.add("/endless", endless=True), FetchOptions(timeout_s=60.0, policy=NetworkPolicy.from_cidrs(["127.0.0.0/8"])))
+    return result.reason, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--skip-img2dataset", action="store_true")
+    args = parser.parse_args()
+
+    data = images(args.num_images)
+    sizes = [Image.open(io.BytesIO(b)).size for b in data]
+    print(f"{len(data)} JPEGs, mean {np.mean([len(b) for b in data]) / 1024:.0f} kB, "
+          f"{min(sizes)} .. {max(sizes)}; cores {args.cores}")
+    ceiling_rate = ceiling(data, 256, 90)
+    print(f"ceiling (PIL draft -> 256 -> q90, one core, no I/O): {ceiling_rate:.1f} images/s")
+
+    with LoopbackServer() as server:
+        urls = [server.add(f"/{i:06d}.jpg", blob) for i, blob in enumerate(data)]
+        reason, rss_before, rss_after = endless_peak_rss_mb(server)
+        print(f"endless response: {reason}; peak RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+        elapsed, ok = run_megaclass(urls, args.cores)
+        mega_rate = ok / elapsed / args.cores
+        print(f"megaclass: {ok} ok in {elapsed:.1f} s = {mega_rate:.1f} images/s per core "
+              f"({mega_rate / ceiling_rate:.2f} of the ceiling)")
+        i2d_rate = None
+        binary = None if args.skip_img2dataset else install_img2dataset()
+        if binary is not None:
+            elapsed, ok = run_img2dataset(binary, urls, args.cores)
+            i2d_rate = ok / elapsed / args.cores if ok else None
+            print(f"img2dataset: {ok} ok in {elapsed:.1f} s = {(i2d_rate or 0):.1f} images/s per core")
+    print("\n| | images/s per core | ratio |\n|---|---|---|")
+    print(f"| ceiling (PIL draft, 1 core, no I/O) | {ceiling_rate:.1f} | 1.00 |")
+    print(f"| megaclass ingest ({args.cores} cores, loopback) | {mega_rate:.1f} | {mega_rate / ceiling_rate:.2f} of ceiling |")
+    if i2d_rate:
+        print(f"| img2dataset ({args.cores} processes, loopback) | {i2d_rate:.1f} | megaclass = {mega_rate / i2d_rate:.2f}x |")
+    else:
+        print("| img2dataset | not measured | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,8 @@ goes through a restricted unpickler below):
     optim/NAME/KEY  optimizer state per parameter name (head rows sharded like the head)
     optim_group/I/step  per-group step counters some optimizers keep (timm's LAMB)
     progress     [step, epoch, steps_in_epoch (optimizer steps), world_size]
-    rng/rank-R/* torch (and CUDA) RNG of rank R, restored only when the world size is unchanged
+    rng/rank-R/* torch (and CUDA) RNG and the head's negative-sampling generator of rank R,
+                 restored only when the world size is unchanged
 The LR schedule is a pure function of the step (timm scheduler `step_update`), so it is not saved.
 
 DTensor/DeviceMesh plumbing is kept here rather than in pretrain.dist because it exists only to
@@ -122,6 +123,7 @@ def _state_dict(*, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.
     state["progress"] = torch.tensor([progress.step, progress.epoch, progress.steps_in_epoch, progress.world_size])
     if with_rng:
         state[f"rng/rank-{dist.rank}/torch"] = torch.get_rng_state()
+        state[f"rng/rank-{dist.rank}/head_sample"] = head.sample_generator.get_state()  # PartialFC negatives
         if dist.device.type == "cuda":
             state[f"rng/rank-{dist.rank}/cuda"] = torch.cuda.get_rng_state(dist.device)
     return state
@@ -169,6 +171,7 @@ def load_train_state(url: str, *, backbone: nn.Module, head: nn.Module, optimize
     rng_key = f"rng/rank-{dist.rank}/torch"
     if rng_key in state:
         torch.set_rng_state(state[rng_key])
+        head.sample_generator.set_state(state[f"rng/rank-{dist.rank}/head_sample"])
         if f"rng/rank-{dist.rank}/cuda" in state:
             torch.cuda.set_rng_state(state[f"rng/rank-{dist.rank}/cuda"], dist.device)
     return saved

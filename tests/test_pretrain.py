@@ -170,3 +170,19 @@ def test_ray_two_workers_survive_sigkill(dataset, tmp_path):
     assert torch.equal(model(x), create_model_from_checkpoint(ckpt).eval()(x))
     progress, head_equal = _resume_state_matches(run)
     assert head_equal and progress.world_size == 2 and progress.step == 36
+
+
+def test_bf16_channels_last_ema_and_sampled_head(dataset, tmp_path):
+    run = tmp_path / "run"
+    result = train(load_pretrain_config(None, overrides(dataset, run, **{
+        "train.max_steps": 3, "train.precision": "bf16", "train.channels_last": True, "train.ema": True,
+        "train.ema_decay": 0.5, "model.head_sample_ratio": 0.5, "optim.name": "sgd", "optim.lr": 0.1,
+        "checkpoint.every_steps": 0})))
+    assert result["step"] == 3 and 0.0 <= result["eval_top1"] <= 1.0
+    published = load_checkpoint(f"{run}/final")
+    assert published.megaclass["config"]["train"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for k, v in published.state_dict.items() if v.is_floating_point())
+    # The EMA backbone is published, the raw one is kept in train_state for resuming.
+    raw = load_checkpoint(latest_checkpoint(str(run)))
+    assert raw.state_dict.keys() == published.state_dict.keys()
+    assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000003"]

@@ -22,7 +22,7 @@ from data_pipeline.config import ConfigError, doc, load_config, require
 class DataSection:
     url: str = doc("dataset URL written by `megaclass ingest` (contract 1, any fsspec URL)", "")
     train_split: str = doc("split to train on", "train")
-    eval_split: str = doc("held-out split for top-1 logging; '' = no held-out evaluation", "validation")
+    eval_split: str = doc("held-out split for top-1 logging (ingest's val_split); '' or absent = no held-out evaluation", "val")
     image_size: int = doc("training crop side, px", 224)
     crop_scale_min: float = doc("RandomResizedCrop lower area fraction (upper is 1.0)", 0.08)
     num_workers: int = doc("loader worker processes per rank", 4)

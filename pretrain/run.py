@@ -123,9 +123,13 @@ def _check_data(cfg: PretrainConfig) -> dict[str, Any]:
         info = dataset_info(cfg.data.url)
     except (FileNotFoundError, ds.DatasetError) as exc:
         raise ConfigError(f"data.url: {cfg.data.url} is not a readable dataset ({exc})") from None
-    for field_name, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        if split and split not in info["splits"]:
-            raise ConfigError(f"{field_name}: split {split!r} not in {cfg.data.url} (has {sorted(info['splits'])})")
+    if cfg.data.train_split not in info["splits"]:
+        raise ConfigError(f"data.train_split: split {cfg.data.train_split!r} not in {cfg.data.url} "
+                          f"(has {sorted(info['splits'])})")
+    if cfg.data.eval_split and cfg.data.eval_split not in info["splits"]:
+        # ingest writes a held-out split only when asked (val_fraction > 0), so this is not an error
+        log.warning("data.eval_split: split %r not in %s (has %s); held-out evaluation is off",
+                    cfg.data.eval_split, cfg.data.url, sorted(info["splits"]))
     return info
 
 

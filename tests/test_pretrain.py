@@ -30,7 +30,7 @@ ENV = {**os.environ, "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain") / "ds"
-    return make_dataset(root, {"train": [37, 21, 50, 9, 43], "validation": [16]}, num_classes=6, image_size=32)
+    return make_dataset(root, {"train": [37, 21, 50, 9, 43], "val": [16]}, num_classes=6, image_size=32)
 
 
 def overrides(dataset, run, **extra):

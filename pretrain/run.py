@@ -118,7 +118,7 @@ def _total_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
-def _check_data(cfg: PretrainConfig) -> dict[str, Any]:
+def check_data(cfg: PretrainConfig) -> dict[str, Any]:
     try:
         info = dataset_info(cfg.data.url)
     except (FileNotFoundError, ds.DatasetError) as exc:
@@ -139,7 +139,7 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
     if cfg.train.global_batch_size % ranks_x_accum:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
                           f"world size {dist.world_size} * train.grad_accum_steps {cfg.train.grad_accum_steps}")
-    info = _check_data(cfg)
+    info = check_data(cfg)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg.train.num_threads:

@@ -186,3 +186,16 @@ def test_bf16_channels_last_ema_and_sampled_head(dataset, tmp_path):
     raw = load_checkpoint(latest_checkpoint(str(run)))
     assert raw.state_dict.keys() == published.state_dict.keys()
     assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000003"]
+
+
+def test_cli_no_ray_trains_and_config_errors_exit_2(dataset, tmp_path, capsys):
+    from cluster.cli import main
+    run = tmp_path / "run"
+    args = ["pretrain", "--no-ray", *sum((["--set", a] for a in overrides(dataset, run, **{"train.max_steps": 2})), [])]
+    assert main(args) == 0
+    assert "final checkpoint" in capsys.readouterr().out and (run / "final" / "SHA256SUMS").exists()
+    assert main(["pretrain", "--set", f"data.url={dataset}", "--set", f"checkpoint.url={run}",
+                 "--set", "train.precision=fp16"]) == 2
+    assert "train.precision" in capsys.readouterr().err
+    assert main(["pretrain", "--set", f"data.url={tmp_path}/nothing", "--set", f"checkpoint.url={run}"]) == 2
+    assert "data.url" in capsys.readouterr().err

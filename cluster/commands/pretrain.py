@@ -12,6 +12,7 @@ import logging
 
 from data_pipeline.config import to_dict
 from pretrain.config import load_pretrain_config
+from pretrain.run import check_data
 
 NAME = "pretrain"
 HELP = "pretrain a backbone with a sharded 100k-class head on a dataset (Ray Train, DDP)"
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (["scaling.num_workers=1"] if args.no_ray else [])
     cfg = load_pretrain_config(args.config, overrides)  # ConfigError -> exit 2, before Ray starts
+    check_data(cfg)  # an unreadable dataset or unknown split too
     if args.no_ray:
         from pretrain.train import train
         summary = train(cfg)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +192,6 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
 
 def _commit_local(staging: str, target: str) -> None:
     """Rename staging onto target; an existing target (a re-run of the same step) is moved aside first."""
-    import os
-    import shutil
     if os.path.exists(target):
         trash = f"{staging}.old"
         shutil.rmtree(trash, ignore_errors=True)
@@ -228,8 +228,9 @@ def verify_checkpoint(url: str) -> dict[str, Any]:
         if required not in sums:
             raise CheckpointError(f"{_join(url, required)}: not listed in {SUMS_FILE}")
     present = set(_relative_files(fs, root)) - {SUMS_FILE}
-    for rel in sorted(present - set(sums)):
-        raise CheckpointError(f"{_join(url, rel)}: foreign file (not listed in {SUMS_FILE})")
+    foreign = sorted(present - set(sums))
+    if foreign:
+        raise CheckpointError(f"{_join(url, foreign[0])}: foreign file (not listed in {SUMS_FILE})")
     for rel, digest in sorted(sums.items()):
         if rel not in present:
             raise CheckpointError(f"{_join(url, rel)}: missing (listed in {SUMS_FILE})")

@@ -31,7 +31,6 @@ from pretrain.dist import DistInfo, all_gather, all_reduce_max, all_reduce_sum, 
 from pretrain.head import sharded_topk_correct
 from pretrain.metrics import MetricsLog, StepTimer, memory_stats, plot_curves
 from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
-from pretrain.train_state import Progress
 
 log = logging.getLogger(__name__)
 

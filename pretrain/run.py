@@ -60,6 +60,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     progress: Progress
+    resumed_from: str | None = None  # the run checkpoint this process resumed from
 
     @property
     def num_classes(self) -> int:
@@ -201,6 +202,7 @@ def _resume(run: Run) -> bool:
                                  optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
         rng_restored = saved.world_size == dist.world_size
+        run.resumed_from = latest
         log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
                  saved.world_size, dist.world_size)
     if dist.is_main:

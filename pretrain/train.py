@@ -46,6 +46,8 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     run = build_run(cfg, dist)
     metrics_log = MetricsLog(cfg.checkpoint.url, enabled=dist.is_main, start_step=run.progress.step,
                              tensorboard=cfg.log.tensorboard)
+    if run.resumed_from:  # the record that tells a restart apart from a fresh run (simulate --chaos reads it)
+        metrics_log.write(run.progress.step, {"event": "resume", "checkpoint": run.resumed_from})
     timer, window, last = StepTimer(), [], {}
     with Preemption() as preemption:
         while run.progress.step < run.total_steps:

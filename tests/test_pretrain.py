@@ -65,7 +65,10 @@ def test_exact_resume_after_sigterm(dataset, tmp_path):
     assert keys(interrupted) == keys(straight) and len(keys(straight)) == 6 * 2
     a, b = (load_file(f"{run}/final/model.safetensors") for run in (straight, interrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_metrics(str(interrupted))] == [2, 4, 6]
+    records = read_metrics(str(interrupted))
+    assert [r["step"] for r in records if "event" not in r] == [2, 4, 6]
+    assert [(r["step"], r["checkpoint"].rsplit("/", 1)[-1]) for r in records if r.get("event") == "resume"] \
+        == [(4, "step-00000004")]
     assert (interrupted / "curves.png").stat().st_size > 0 and any((interrupted / "tensorboard").iterdir())
 
 

@@ -11,38 +11,18 @@ resumes where the last one stopped.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 import time
 
 import ray
 from tqdm import tqdm
 
+from cluster.runtime import ray_session
 from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize, plan_shards,
                                   summary_table, write_shard)
 
 log = logging.getLogger(__name__)
-
-# Allocator settings that keep decode from paying page faults (PERFORMANCE.md), for every worker.
-WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-              "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-
-
-@contextlib.contextmanager
-def ray_for_command(address: str | None):
-    """Use an initialised Ray, join `address`, or start a local one for the command's lifetime."""
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = {"address": address} if address else {"include_dashboard": False}
-    ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, **kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @ray.remote(num_cpus=1)
@@ -104,7 +84,7 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
              plan.num_tasks, ", ".join(plan.splits))
     check_out_location(plan)
-    with ray_for_command(cfg.runtime.ray_address):
+    with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
         results = run_plan(plan, cfg)
     manifest = finalize(plan, results, cfg)
     elapsed = time.monotonic() - start

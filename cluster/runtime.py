@@ -35,17 +35,21 @@ WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None, *, num_cpus: int | None = None, log_to_driver: bool = True,
+                dashboard: bool = True) -> Iterator[None]:
     """Use an initialised Ray, join the cluster at `address`, or start a local Ray for the block.
 
     A joined cluster keeps its own token authentication (RAY_AUTH_TOKEN / ~/.ray/auth_token).
+    A local Ray for training keeps its dashboard: Ray Train's controller watches its actors through
+    the state API that the dashboard serves (without it, it logs a warning every few seconds).
     """
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"address": address} if address else {"include_dashboard": False, "num_cpus": num_cpus}
-    ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, **kwargs)
+    kwargs: dict[str, Any] = {"address": address} if address else {
+        "include_dashboard": dashboard, "dashboard_host": "127.0.0.1", "num_cpus": num_cpus}
+    ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=log_to_driver, **kwargs)
     try:
         yield
     finally:

@@ -77,6 +77,8 @@ class TrainSection:
     seed: int = doc("seed of the head init, the data order and augmentation", 0)
     eval_every_steps: int = doc("validate every N steps; 0 = at the end of every epoch", 0)
     patience: int = doc("stop after this many validations without a better val top-1; 0 = never", 5)
+    num_threads: int = doc("torch intra-op threads per rank; 0 = torch default (1 avoids oversubscription "
+                           "next to loader workers on small CPUs)", 0)
 
     def validate(self) -> None:
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -84,6 +86,7 @@ class TrainSection:
         require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
         require(self.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
         require(self.patience >= 0, "train.patience", "must be >= 0")
+        require(self.num_threads >= 0, "train.num_threads", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,12 @@ class ScalingSection:
     num_workers: int = doc("Ray Train workers (one DDP rank each)", 1)
     use_gpu: bool = doc("one GPU per worker", False)
     max_failures: int = doc("Ray Train restarts after a worker failure (resumes from the last step checkpoint)", 0)
+    cpus_per_worker: float = doc("CPUs Ray reserves per worker (loader workers + trainer)", 1.0)
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
         require(self.max_failures >= -1, "scaling.max_failures", "must be >= -1 (-1 = unlimited)")
+        require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
 
 
 @dataclass(frozen=True)

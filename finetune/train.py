@@ -34,7 +34,7 @@ from finetune.data import check_train_classes, label_map, pick_split, resolve_da
 from finetune.evaluate import preprocessing, run_eval
 from finetune.model import create_finetune_model, head_parameters, set_backbone_frozen, set_train_mode
 from finetune.rundir import RunDir, read_state, state_writer
-from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,16 @@ def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
     return DataPlan(train_url, train_split, val_url, val_split, names, targets, num_train)
 
 
+def check_inputs(cfg: FinetuneConfig) -> DataPlan:
+    """Everything a launcher should check before starting workers: the checkpoint (checksums, arch),
+    model.arch, the data and the class mapping. Raises CheckpointError / DatasetError / ConfigError."""
+    cfg.check_runnable()
+    config = verify_checkpoint(cfg.finetune.checkpoint_url)
+    if cfg.model.arch and cfg.model.arch != config["architecture"]:
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {config['architecture']!r}")
+    return prepare_data(cfg, Ranks())
+
+
 @dataclass
 class Progress:
     step: int = 0
@@ -197,10 +207,15 @@ def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, st
 def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     """Run the fine-tune described by `cfg`; returns a summary (final_url, best_top1, ...)."""
     cfg.check_runnable()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     ranks = dist or init_ranks(cfg.scaling.use_gpu)
     if cfg.train.global_batch_size % ranks.world_size:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
                           f"{ranks.world_size} ranks")
+    if (cfg.loss.mixup or cfg.loss.cutmix) and (cfg.train.global_batch_size // ranks.world_size) % 2:
+        raise ConfigError(f"train.global_batch_size: mixup/cutmix needs an even batch per rank, got "
+                          f"{cfg.train.global_batch_size} / {ranks.world_size} ranks")
     source = load_checkpoint(cfg.finetune.checkpoint_url)
     if cfg.model.arch and cfg.model.arch != source.arch:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")

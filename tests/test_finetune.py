@@ -254,3 +254,19 @@ def test_cli_finetune_evaluate_predict_no_ray(tmp_path, source, capsys):
     image = next((tmp_path / "val").rglob("*.jpg"))
     assert cli_main(["predict", str(run / "final"), str(image), "--top-k", "1"]) == 0
     assert capsys.readouterr().out.startswith(str(image))
+
+
+@pytest.mark.slow
+def test_cli_ray_two_workers_ddp(tmp_path, source, downstream, capsys):
+    """`megaclass finetune` without --no-ray: 2 Ray Train workers (gloo DDP) through cluster.runtime."""
+    run = tmp_path / "run"
+    code = cli_main(["finetune", "--checkpoint", source, "--train", downstream, "--out", str(run),
+                     "--set", "scaling.num_workers=2", "--set", "data.num_workers=0", "--set", "train.global_batch_size=8",
+                     "--set", "train.max_steps=4", "--set", "train.eval_every_steps=2", "--set", "log.tensorboard=false",
+                     "--set", "checkpoint.every_steps=2", "--set", "optim.warmup_steps=1"])
+    assert code == 0 and "final model:" in capsys.readouterr().out
+    final = load_checkpoint(str(run / "final"))
+    assert final.num_classes == 3 and final.megaclass["step"] == 4
+    records = _metrics(str(run))
+    assert [r["step"] for r in records if "val_top1" in r] == [2, 4]
+    assert (run / "step-00000004").exists()

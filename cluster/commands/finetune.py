@@ -87,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from finetune.data import resolve_dataset
-    from finetune.train import finetune
+    from finetune.train import check_inputs, finetune
 
     cfg = build_config(args)
+    if args.no_ray:
+        cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
     resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry)},
@@ -100,13 +102,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_ray:
         summary = finetune(cfg)
     else:
+        check_inputs(cfg)  # bad input fails here in one line, not as a Ray worker traceback
         from cluster.runtime import ray_session, run_torch_trainer
 
         with ray_session(args.ray_address):
             summary = run_torch_trainer("finetune.train:finetune_from_dict", to_dict(cfg),
                                         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                         max_failures=cfg.scaling.max_failures, storage_url=cfg.checkpoint.url,
-                                        name="finetune")
+                                        name="ray", cpus_per_worker=cfg.scaling.cpus_per_worker)
     final = summary.get("final_url", cfg.checkpoint.url.rstrip("/") + "/final") if isinstance(summary, dict) else None
     best = summary.get("best_top1") if isinstance(summary, dict) else None
     print(f"final model: {final}" + (f" (val top-1 {best:.4f})" if isinstance(best, float) else ""))

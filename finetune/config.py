@@ -139,6 +139,8 @@ class LogSection:
 @dataclass(frozen=True)
 class FinetuneSection:
     checkpoint_url: str = doc("source checkpoint dir (contract 2); registry URIs are resolved by the CLI", "")
+    source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
+                          "set by the CLI", "")
     mode: Literal["full", "linear", "lp-ft"] = doc("full fine-tune | linear probe (frozen backbone) | linear probe then full", "full")
     lp_steps: int = doc("lp-ft: linear-probe steps before the full fine-tune; 0 = lp_epochs", 0)
     lp_epochs: int = doc("lp-ft: linear-probe epochs when lp_steps is 0", 1)

@@ -366,7 +366,8 @@ def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = Non
     block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
              "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
              "metrics": {"val_top1": progress.best_top1, "best_step": progress.best_step},
-             "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
+             "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
+                                ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
                                 "step": ctx.source.megaclass.get("step")}}
     block.update(extra or {})
     return block

@@ -270,3 +270,18 @@ def test_cli_ray_two_workers_ddp(tmp_path, source, downstream, capsys):
     records = _metrics(str(run))
     assert [r["step"] for r in records if "val_top1" in r] == [2, 4]
     assert (run / "step-00000004").exists()
+
+
+def test_cli_finetune_from_registry_uri(tmp_path, source, downstream, capsys):
+    from cluster.registry import Registry
+
+    registry = tmp_path / "registry"
+    assert Registry(str(registry)).publish(source, "tiny", alias="production") == 1
+    run = tmp_path / "run"
+    code = cli_main(["finetune", "--checkpoint", "registry://tiny@production", "--registry", str(registry),
+                     "--train", downstream, "--out", str(run), "--no-ray", "--set", "data.num_workers=0",
+                     "--set", "train.global_batch_size=8", "--set", "train.max_steps=1", "--set", "log.tensorboard=false"])
+    assert code == 0, capsys.readouterr().err
+    final = load_checkpoint(str(run / "final"))
+    assert final.megaclass["finetuned_from"]["arch"] == ARCH and final.num_classes == 3
+    assert final.megaclass["finetuned_from"]["uri"] == "registry://tiny@production"

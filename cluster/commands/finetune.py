@@ -94,7 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry)},
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+                             "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url},
                 "data": {"url": resolve_dataset(cfg.data.url, cfg.data.cache_url)}}
     if cfg.data.val_url:
         resolved["data"]["val_url"] = resolve_dataset(cfg.data.val_url, cfg.data.cache_url)

@@ -1,0 +1,61 @@
+"""A reduced `megaclass simulate --chaos`, end to end: every stage for real, two processes killed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from cluster.chaos import ProcessKiller, find_processes
+
+REDUCED = [
+    "web.upstream_classes=12", "web.images_per_class=8", "web.downstream_classes=3",
+    "web.downstream_train_per_class=4", "web.downstream_val_per_class=3", "shard_size=16",
+    "pretrain_overrides=[train.max_steps=12,checkpoint.every_steps=4,log.every_steps=4,data.image_size=32,"
+    "train.global_batch_size=16]",
+    "finetune_overrides=[train.max_steps=4,train.eval_every_steps=2,data.image_size=32,train.global_batch_size=8]",
+]
+
+
+@pytest.mark.slow
+def test_reduced_simulation_with_chaos(tmp_path, capsys):
+    workdir = tmp_path / "sim"
+    code = main(["simulate", "--workdir", str(workdir), "--chaos", "--json",
+                 *(arg for item in REDUCED for arg in ("--set", item))])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report["checks"]
+    assert all(report["checks"].values())
+
+    ingest = report["ingest"]
+    web_rows = 12 * 8
+    assert ingest["rows_in"] == web_rows + 5  # + 4 broken URLs + 1 duplicate
+    assert ingest["ok"] == web_rows and ingest["failed"] == 4 and ingest["skipped"] == 1
+    assert ingest["reasons"] == {"duplicate_url": 1, "http_404": 1, "not_an_image": 1, "too_small": 1, "truncated": 1}
+
+    # chaos: one ingestion task and one training worker were SIGKILLed, and both stages still finished
+    assert len(report["chaos"]["ingest"]["killed"]) == 1
+    assert len(report["chaos"]["pretrain"]["killed"]) == 1
+    assert report["pretrain"]["final_step"] == 12 and report["pretrain"]["resumes"]
+    assert report["pretrain"]["resumes"][0]["step"] in (4, 8)
+    assert 0.0 <= report["downstream"]["top1"] <= 1.0
+    assert (workdir / "registry" / "sim-backbone" / "versions" / "000001" / "version.json").exists()
+    assert (workdir / "evaluation" / "report.json").exists()
+
+
+def test_process_killer_kills_the_first_match_once(tmp_path):
+    import subprocess
+    import sys
+    marker = f"megaclass-chaos-probe-{tmp_path.name}"
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker]) for _ in range(2)]
+    try:
+        killer = ProcessKiller(marker, poll_s=0.05)
+        killer.start()
+        procs[0].wait(timeout=10) if procs[0].pid == min(p.pid for p in procs) else procs[1].wait(timeout=10)
+        killer.stop()
+        assert len(killer.killed) == 1
+        assert len(find_processes(marker)) == 1  # the other one is untouched
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

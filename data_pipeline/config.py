@@ -129,7 +129,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         where = f"{prefix}.{f.name}" if prefix else f.name
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], where)
-        elif dataclasses.is_dataclass(hints[f.name]) and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif dataclasses.is_dataclass(hints[f.name]):  # a section left at its defaults is validated too
             kwargs[f.name] = _build(hints[f.name], {}, where)
     try:
         obj = cls(**kwargs)

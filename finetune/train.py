@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
@@ -35,44 +33,14 @@ from finetune.evaluate import preprocessing, run_eval
 from finetune.model import create_finetune_model, head_parameters, set_backbone_frozen, set_train_mode
 from finetune.rundir import RunDir, read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process sits; duck-compatible with pretrain.dist.DistInfo (finetune may not import it)."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_ranks(use_gpu: bool) -> Ranks:
-    """Join Ray Train's process group or torchrun's environment; else one process."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
-    if not torch_dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        torch_dist.init_process_group("nccl" if use_gpu else "gloo")
-    if torch_dist.is_initialized():
-        return Ranks(torch_dist.get_rank(), torch_dist.get_world_size(), device)
-    return Ranks(0, 1, device)
-
-
-def _barrier(ranks) -> None:
-    if ranks.world_size > 1:
-        torch_dist.barrier()
-
-
-def _broadcast(values: list[float], ranks) -> list[float]:
+def _broadcast(values: list[float], dist: DistInfo) -> list[float]:
     """Rank 0's values on every rank, so that every rank takes the same early-stopping decision."""
-    if ranks.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=ranks.device)
-    torch_dist.broadcast(t, 0)
-    return t.tolist()
+    return broadcast_object(values, dist)
 
 
 @dataclass(frozen=True)
@@ -121,7 +89,7 @@ def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
     # Rank 0 ingests image folders; the others then find them in the cache.
     if ranks.is_main:
         train_url, val_url = resolve()
-    _barrier(ranks)
+    barrier(ranks)
     if not ranks.is_main:
         train_url, val_url = resolve()
     train_split = pick_split(train_url, d.train_split)
@@ -144,7 +112,7 @@ def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     config = verify_checkpoint(cfg.finetune.checkpoint_url)
     if cfg.model.arch and cfg.model.arch != config["architecture"]:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {config['architecture']!r}")
-    return prepare_data(cfg, Ranks())
+    return prepare_data(cfg, DistInfo())
 
 
 @dataclass
@@ -209,7 +177,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     cfg.check_runnable()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    ranks = dist or init_ranks(cfg.scaling.use_gpu)
+    ranks = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     if cfg.train.global_batch_size % ranks.world_size:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
                           f"{ranks.world_size} ranks")
@@ -251,7 +219,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
         run.log({"step": progress.step, "event": "final", "best_val_top1": progress.best_top1,
                  "best_step": progress.best_step})
-    _barrier(ranks)
+    barrier(ranks)
     run.close()
     return summary
 
@@ -358,7 +326,7 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
              top1, top5, progress.best_top1, progress.best_step)
     if ctx.report is not None:
         ctx.report({"step": progress.step, "val_top1": top1, "val_top5": top5, "best_val_top1": progress.best_top1})
-    _barrier(ranks)
+    barrier(ranks)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
 
@@ -391,7 +359,7 @@ def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, p
                  "optimizer": optimizer.state_dict()}
         _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress, write_train_state=state_writer(state))
         ctx.run.prune(ctx.cfg.checkpoint.keep)
-    _barrier(ctx.ranks)
+    barrier(ctx.ranks)
 
 
 def finetune_from_dict(cfg_dict: dict, report=None) -> dict:

@@ -170,10 +170,7 @@ class PretrainConfig:
     log: LogSection = field(default_factory=LogSection)
 
     def validate(self) -> None:
-        # Sections left at their defaults are not validated on their own, so repeat what they need.
-        for section in (self.data, self.model, self.optim, self.train, self.loss, self.checkpoint,
-                        self.scaling, self.log):
-            section.validate()
+        # Sections validate themselves (defaulted ones too); this checks what spans sections.
         require(bool(self.data.url), "data.url", "must name a dataset (contract 1)")
         ranks_x_accum = self.scaling.num_workers * self.train.grad_accum_steps
         require(self.train.global_batch_size % ranks_x_accum == 0, "train.global_batch_size",

@@ -163,7 +163,10 @@ def test_ray_two_workers_survive_sigkill(dataset, tmp_path):
     assert result.get("step") == 40 and result.get("preempted") is False
     pids = {r["pid"] for r in read_metrics(str(run))}
     assert killed[0][0] in pids and len(pids) == 2  # a second worker group finished the run
-    assert [r["step"] for r in read_metrics(str(run))] == list(range(1, 41))
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 41))
+    resumed = [r["step"] for r in records if r.get("event") == "resume"]  # from the newest step-N/ at the kill
+    assert len(resumed) == 1 and resumed[0] % 4 == 0 and 4 <= resumed[0] <= killed[0][1] + 4
     x = torch.randn(2, 3, 32, 32)
     model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
     ckpt = load_checkpoint(f"{run}/final")

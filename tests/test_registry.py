@@ -178,14 +178,24 @@ def _alias_worker(args):
     return Registry(root).set_alias("tiny", alias, 1)
 
 
+def _pool_map(ctx, processes: int, fn, items: list) -> list:
+    """Pool.map that lets workers exit on their own: the pool's terminate() sends SIGTERM, which a
+    handler inherited through fork (Ray's, the trainer's preemption handler) may swallow, hanging join."""
+    pool = ctx.Pool(processes)
+    try:
+        return pool.map(fn, items)
+    finally:
+        pool.close()
+        pool.join()
+
+
 def test_concurrent_publishers_get_distinct_versions(tmp_path):
     root = str(tmp_path / "reg")
     ckpts = [str(_write_checkpoint(tmp_path / f"c{i}", seed=i)) for i in range(8)]
     ctx = multiprocessing.get_context("fork")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(8)
-        with ctx.Pool(8) as pool:
-            versions = pool.map(_publish_worker, [(root, c, barrier) for c in ckpts])
+        versions = _pool_map(ctx, 8, _publish_worker, [(root, c, barrier) for c in ckpts])
         assert sorted(versions) == list(range(1, 9))
         reg = Registry(root)
         assert reg.versions("tiny") == list(range(1, 9))
@@ -197,8 +207,7 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
             assert published.read_bytes() == (Path(ckpt) / "model.safetensors").read_bytes()
         # Concurrent alias writers: the lock serialises them, no update is lost.
         barrier = manager.Barrier(6)
-        with ctx.Pool(6) as pool:
-            pool.map(_alias_worker, [(root, f"a{i}", barrier) for i in range(6)])
+        _pool_map(ctx, 6, _alias_worker, [(root, f"a{i}", barrier) for i in range(6)])
         assert reg.aliases("tiny") == {f"a{i}": 1 for i in range(6)}
 
 

@@ -43,7 +43,7 @@ from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_train_t
 from pretrain.config import load_pretrain_config  # noqa: E402
 from pretrain.metrics import read_metrics  # noqa: E402
 from pretrain.train import train  # noqa: E402
-from tests.datasets import make_dataset  # noqa: E402
+from tests.dataset_factory import make_dataset  # noqa: E402
 
 
 def pipeline_images_per_s(data_url: str, run_url: str, args) -> tuple[float, float]:

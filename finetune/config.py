@@ -48,7 +48,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimSection:
-    opt: str = doc("timm optimizer name (adamw, sgd, lamb, ...)", "adamw")
+    name: str = doc("timm optimizer name (adamw, sgd, lamb, ...), as pretrain's optim.name", "adamw")
     lr: float = doc("peak learning rate of the full fine-tune (per global batch)", 1e-3)
     weight_decay: float = doc("decoupled weight decay (not applied to biases and norms)", 0.05)
     momentum: float = doc("momentum for sgd-like optimizers", 0.9)
@@ -56,7 +56,6 @@ class OptimSection:
     warmup_steps: int = doc("linear warmup steps from warmup_lr to lr", 20)
     warmup_lr: float = doc("learning rate at step 0 of warmup", 1e-6)
     min_lr: float = doc("learning rate at the end of the cosine schedule", 1e-6)
-    grad_clip: float = doc("max global grad norm; 0 = off", 0.0)
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", "must be > 0")
@@ -64,7 +63,6 @@ class OptimSection:
         require(0.0 < self.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1]; 1 turns it off")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
-        require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,7 @@ class TrainSection:
     seed: int = doc("seed of the head init, the data order and augmentation", 0)
     eval_every_steps: int = doc("validate every N steps; 0 = at the end of every epoch", 0)
     patience: int = doc("stop after this many validations without a better val top-1; 0 = never", 5)
+    grad_clip_norm: float = doc("clip the global grad norm to this; 0 = off (as pretrain's train.grad_clip_norm)", 0.0)
     num_threads: int = doc("torch intra-op threads per rank; 0 = torch default (1 avoids oversubscription "
                            "next to loader workers on small CPUs)", 0)
 
@@ -86,6 +85,7 @@ class TrainSection:
         require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
         require(self.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
         require(self.patience >= 0, "train.patience", "must be >= 0")
+        require(self.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
         require(self.num_threads >= 0, "train.num_threads", "must be >= 0")
 
 

@@ -144,7 +144,7 @@ def create_optimizer_and_schedule(cfg: FinetuneConfig, model: nn.Module, phase: 
         params, layer_decay = model.get_classifier(), None
     else:
         params, layer_decay = model, (o.layer_decay if o.layer_decay < 1.0 else None)
-    optimizer = create_optimizer_v2(params, opt=o.opt, lr=phase.lr, weight_decay=o.weight_decay,
+    optimizer = create_optimizer_v2(params, opt=o.name, lr=phase.lr, weight_decay=o.weight_decay,
                                     momentum=o.momentum, layer_decay=layer_decay)
     num_steps = phase.end - phase.start
     warmup = min(o.warmup_steps, max(0, num_steps - 1))
@@ -166,8 +166,8 @@ def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, st
     loss = criterion(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.optim.grad_clip > 0:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+    if cfg.train.grad_clip_norm > 0:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip_norm)
     optimizer.step()
     return float(loss.detach())
 

@@ -16,7 +16,7 @@ from data_pipeline.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.model import backbone_mismatches, classifier_name, create_finetune_model, set_backbone_frozen, set_train_mode
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from tests.datasets import make_dataset
+from tests.dataset_factory import make_dataset
 
 ARCH = "test_resnet"
 PRETRAINED_CFG = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
@@ -206,7 +206,7 @@ def test_evaluate_report_on_renumbered_image_folder(tmp_path, finetuned):
 
 
 def _jpeg(seed: int) -> bytes:
-    from tests.datasets import make_jpeg
+    from tests.dataset_factory import make_jpeg
     return make_jpeg(seed, 40, 32)
 
 

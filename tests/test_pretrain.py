@@ -20,7 +20,7 @@ from pretrain.checkpoint import CheckpointError, latest_checkpoint, list_checkpo
 from pretrain.config import load_pretrain_config
 from pretrain.metrics import read_metrics
 from pretrain.train import train
-from tests.datasets import make_dataset
+from tests.dataset_factory import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",

@@ -16,7 +16,7 @@ from data_pipeline import dataset as ds
 from data_pipeline.reader import create_loader, dataset_info, num_classes, plan_slots
 from data_pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform,
                                       normalize)
-from tests.datasets import make_dataset, make_jpeg
+from tests.dataset_factory import make_dataset, make_jpeg
 
 SHARD_SIZES = [7, 3, 12, 5, 9]  # 36 samples, unequal shards
 

@@ -1,6 +1,6 @@
 """Tiny contract-1 datasets for tests: real JPEG shards, manifest.json, _info.json, classes.parquet.
 
-    from tests.datasets import make_dataset
+    from tests.dataset_factory import make_dataset
     root = make_dataset(tmp_path / "ds", shard_sizes=[5, 3, 8], num_classes=4, image_size=32)
 
 Sample keys are `s{shard:04d}i{index:05d}` and labels cycle through the classes, so a test can

@@ -98,7 +98,8 @@ def run_megaclass(urls: list[str], cores: int) -> tuple[float, int]:
     import pyarrow.parquet as pq
     import ray
 
-    from cluster.ingest_runner import WORKER_ENV, run_plan
+    from cluster.ingest_runner import run_plan
+    from cluster.runtime import WORKER_ENV
     from data_pipeline.config import replace
     from data_pipeline.ingest import IngestConfig, finalize, plan_shards
 

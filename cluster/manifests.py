@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from cluster.runtime import WORKER_ENV as RAY_WORKER_ENV
 from data_pipeline.config import ConfigError, read_yaml
 from data_pipeline.dataset import atomic_write_bytes, join
 
@@ -29,9 +30,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_MOUNT_DIR = "/megaclass/config"
 CONFIG_FILE_NAME = "pretrain.yaml"
-# Allocator settings for loader workers and trainers (PERFORMANCE.md), set in every container.
-WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-              "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0"}
+# The trainers' allocator settings (PERFORMANCE.md), set in every container.
+WORKER_ENV = {**RAY_WORKER_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass(frozen=True)

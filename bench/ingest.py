@@ -4,8 +4,8 @@
     .venv/bin/python bench/ingest.py --num-images 200 --skip-img2dataset
 
 1. Makes N web-like JPEGs (500x375 .. 1024x768, ~100 kB at q90: smooth noise + gradients, so they
-   compress like photos) under .bench/ingest/, cached between runs, and serves them from the
-   loopback test server (tests/http_server.py).
+   compress like photos) under .bench/ingest/, cached between runs, and serves them over HTTP on
+   127.0.0.1 from a separate process pinned to the last core; the downloaders run on the others.
 2. Ceiling: the same bytes decoded with PIL draft mode, resized to shorter side 256 and encoded
    at q90, on one core, no I/O.
 3. megaclass: `run_ingest` on a local Ray with one CPU per core, from the loopback URLs.
@@ -13,7 +13,7 @@
    `--resize_mode keep_ratio --image_size 256 --encode_quality 90`, one process per core.
 5. Memory: an endless response fetched with the default cap; peak RSS must stay far below it.
 Prints images/s per core for each and the ratios (targets: >= 0.8 of the ceiling, >= 1.5x img2dataset).
-The loopback server runs on the same cores, so both downloaders pay for it equally.
+The server has a core of its own, so "per core" counts only the downloader's cores.
 """
 
 from __future__ import annotations
@@ -176,39 +176,57 @@ def endless_peak_rss_mb(server: LoopbackServer) -> tuple[str, float, float]:
     return result.reason, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def serve_images(core: int) -> tuple[subprocess.Popen, str]:
+    """The image files over HTTP from a separate process pinned to `core`, so that serving them does
+    not take CPU from the downloader being measured (both downloaders get the same server)."""
+    code = ("import sys, time\nfrom cluster.webserver import StaticServer\n"
+            "server = StaticServer(sys.argv[1]).__enter__()\nprint(server.base_url, flush=True)\ntime.sleep(1e9)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(WORK / "images")], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    return proc, proc.stdout.readline().strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=1000)
-    parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--skip-img2dataset", action="store_true")
     args = parser.parse_args()
+    all_cores = sorted(os.sched_getaffinity(0))
+    # One core serves the files; the rest run the downloader under test (megaclass, then img2dataset).
+    server_core, work_cores = (all_cores[-1], set(all_cores[:-1])) if len(all_cores) > 1 else (all_cores[0], set(all_cores))
+    cores = len(work_cores)
 
     data = images(args.num_images)
     sizes = [Image.open(io.BytesIO(b)).size for b in data]
     print(f"{len(data)} JPEGs, mean {np.mean([len(b) for b in data]) / 1024:.0f} kB, "
-          f"{min(sizes)} .. {max(sizes)}; cores {args.cores}")
+          f"{min(sizes)} .. {max(sizes)}; {cores} core(s) for the downloader, core {server_core} serves")
     ceiling_rate = ceiling(data, 256, 90)
     print(f"ceiling (PIL draft -> 256 -> q90, one core, no I/O): {ceiling_rate:.1f} images/s")
 
     with LoopbackServer() as server:
-        urls = [server.add(f"/{i:06d}.jpg", blob) for i, blob in enumerate(data)]
         reason, rss_before, rss_after = endless_peak_rss_mb(server)
-        print(f"endless response: {reason}; peak RSS {rss_before:.0f} -> {rss_after:.0f} MB")
-        elapsed, ok = run_megaclass(urls, args.cores)
-        mega_rate = ok / elapsed / args.cores
+    print(f"endless response: {reason}; peak RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+    server_proc, base_url = serve_images(server_core)
+    os.sched_setaffinity(0, work_cores)  # Ray's workers and img2dataset's processes inherit this
+    try:
+        urls = [f"{base_url}/{i:06d}.jpg" for i in range(len(data))]
+        elapsed, ok = run_megaclass(urls, cores)
+        mega_rate = ok / elapsed / cores
         print(f"megaclass: {ok} ok in {elapsed:.1f} s = {mega_rate:.1f} images/s per core "
               f"({mega_rate / ceiling_rate:.2f} of the ceiling)")
         i2d_rate = None
         binary = None if args.skip_img2dataset else install_img2dataset()
         if binary is not None:
-            elapsed, ok = run_img2dataset(binary, urls, args.cores)
-            i2d_rate = ok / elapsed / args.cores if ok else None
+            elapsed, ok = run_img2dataset(binary, urls, cores)
+            i2d_rate = ok / elapsed / cores if ok else None
             print(f"img2dataset: {ok} ok in {elapsed:.1f} s = {(i2d_rate or 0):.1f} images/s per core")
+    finally:
+        server_proc.kill()
     print("\n| | images/s per core | ratio |\n|---|---|---|")
     print(f"| ceiling (PIL draft, 1 core, no I/O) | {ceiling_rate:.1f} | 1.00 |")
-    print(f"| megaclass ingest ({args.cores} cores, loopback) | {mega_rate:.1f} | {mega_rate / ceiling_rate:.2f} of ceiling |")
+    print(f"| megaclass ingest ({cores} core(s), loopback) | {mega_rate:.1f} | {mega_rate / ceiling_rate:.2f} of ceiling |")
     if i2d_rate:
-        print(f"| img2dataset ({args.cores} processes, loopback) | {i2d_rate:.1f} | megaclass = {mega_rate / i2d_rate:.2f}x |")
+        print(f"| img2dataset ({cores} process(es), loopback) | {i2d_rate:.1f} | megaclass = {mega_rate / i2d_rate:.2f}x |")
     else:
         print("| img2dataset | not measured | - |")
 

@@ -36,9 +36,10 @@ from typing import Any, Callable
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import safetensors.torch
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 from timm.models._hub import save_config_for_hf  # timm exports it only from the private module
 from torch import nn
 
@@ -169,7 +170,7 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     _write(fs, _join(stage_path, CONFIG_FILE),
            _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _write(fs, _join(stage_path, WEIGHTS_FILE), safetensors.torch.save(tensors))
+    _write(fs, _join(stage_path, WEIGHTS_FILE), save_safetensors(tensors))
     table = pa.table({"id": pa.array(range(num_classes), pa.int32()), "name": pa.array(class_names, pa.string())},
                      schema=CLASSES_SCHEMA)
     buf = io.BytesIO()
@@ -269,8 +270,8 @@ def load_checkpoint(url: str, *, verify: bool = True) -> LoadedCheckpoint:
     config = verify_checkpoint(url) if verify else _read_config(fs, root, url)
     weights_path = _join(root, WEIGHTS_FILE)
     try:
-        state_dict = safetensors.torch.load(fs.cat_file(weights_path))
-    except (FileNotFoundError, safetensors.SafetensorError) as exc:
+        state_dict = load_safetensors(fs.cat_file(weights_path))
+    except (FileNotFoundError, SafetensorError) as exc:
         raise CheckpointError(f"{_join(url, WEIGHTS_FILE)}: unreadable ({exc})") from None
     with fs.open(_join(root, CLASSES_FILE), "rb") as f:
         table = pq.read_table(f)

@@ -16,12 +16,11 @@ and reached its final step.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,13 @@ import pyarrow.parquet as pq
 
 from cluster import synthetic
 from cluster.chaos import ProcessKiller
+from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
-from data_pipeline.config import doc, require
+from data_pipeline.config import ConfigError, doc, require
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
+MARKER_FILE = ".megaclass-simulation"
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,19 @@ class Simulation:
             raise RuntimeError(f"stage {name} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
         return result
 
-    def run(self) -> dict:
+    def prepare_workdir(self) -> None:
+        """Start from an empty workdir; a previous simulation's (it carries the marker) is replaced."""
+        marker = self.workdir / MARKER_FILE
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            if not marker.exists():
+                raise ConfigError(f"--workdir {self.workdir}: not empty and not a previous simulation; "
+                                  "choose a new or empty folder")
+            shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("created by megaclass simulate; the next simulation here replaces this folder\n")
+
+    def run(self) -> dict:
+        self.prepare_workdir()
         started = time.perf_counter()
         self.make_web()
         with StaticServer(self.paths["web"]) as server:
@@ -192,5 +204,4 @@ class Simulation:
                                     *(a for o in self.cfg.finetune_overrides for a in ("--set", o))])
         self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
                                     str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
-        from cluster.simulation_report import build_report
         return build_report(self, time.perf_counter() - started)

@@ -59,3 +59,10 @@ def test_process_killer_kills_the_first_match_once(tmp_path):
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_workdir_that_is_not_a_simulation_is_refused(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["simulate", "--workdir", str(tmp_path)]) == 2
+    assert "not empty and not a previous simulation" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

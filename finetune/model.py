@@ -11,16 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, create_model_from_checkpoint, load_checkpoint
-
-
-def classifier_name(model: nn.Module) -> str:
-    """Dotted module name of the model's classifier (timm's `get_classifier()`)."""
-    head = model.get_classifier()
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    raise CheckpointError(f"{type(model).__name__}: cannot locate the classifier module")
+from pretrain.checkpoint import (CheckpointError, LoadedCheckpoint, classifier_name, create_model_from_checkpoint,
+                                load_checkpoint)
 
 
 def is_head_key(key: str, head_name: str) -> bool:

@@ -294,8 +294,8 @@ def create_model_from_checkpoint(ckpt: LoadedCheckpoint, num_classes: int | None
     model = timm.create_model(ckpt.arch, pretrained=False, num_classes=num_classes, **kwargs)
     state = dict(ckpt.state_dict)
     if num_classes != ckpt.num_classes:
-        head = {k for k in model.state_dict() if k.rsplit(".", 1)[0] == _classifier_name(model)}
-        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] != _classifier_name(model)}
+        head = {k for k in model.state_dict() if k.rsplit(".", 1)[0] == classifier_name(model)}
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] != classifier_name(model)}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if set(missing) != head or unexpected:
             raise CheckpointError(f"{ckpt.url}: weights do not fit {ckpt.arch}: missing {sorted(set(missing) - head)}, "
@@ -308,7 +308,8 @@ def create_model_from_checkpoint(ckpt: LoadedCheckpoint, num_classes: int | None
     return model
 
 
-def _classifier_name(model: nn.Module) -> str:
+def classifier_name(model: nn.Module) -> str:
+    """Dotted module name of the model's classifier (timm's `get_classifier()`)."""
     classifier = model.get_classifier()
     for name, module in model.named_modules():
         if module is classifier:

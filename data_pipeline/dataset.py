@@ -32,7 +32,7 @@ MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.parquet"
 INDEX_DIR = "index"
 SHARDS_DIR = "shards"
-SHARD_MTIME = 0.0  # fixed tar mtime: shard bytes are a pure function of their samples
+SHARD_MTIME = 0  # fixed integer tar mtime: deterministic bytes, and no per-member PAX header (a float adds one)
 
 CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string()), ("count", pa.int64())])
 INDEX_SCHEMA = pa.schema([

@@ -87,14 +87,16 @@ def loader_vs_ceiling(data_url: str, args) -> dict[str, float]:
     jpegs = [s["jpg"] for url, _ in shards for s in ds.iter_shard(url)]
     transform = create_train_transform(args.size)
     ceilings, loader_rates = [], []
+    passes = args.loader_passes  # several passes per measurement: a one-second window is mostly noise
     for repeat in range(args.repeats):  # interleaved, best of each (see part a)
         rng = random.Random(repeat)
         start = time.perf_counter()
-        for data in jpegs:
+        for data in jpegs * passes:
             transform.from_bytes(data, rng)
-        ceilings.append(len(jpegs) / (time.perf_counter() - start))
+        ceilings.append(passes * len(jpegs) / (time.perf_counter() - start))
         loader = create_loader(data_url, "train", batch_size_per_rank=args.batch, num_workers=args.workers,
-                               transform=transform, shuffle_buffer=256, epoch=repeat)
+                               transform=transform, shuffle_buffer=256, epoch=repeat,
+                               samples_per_epoch=passes * len(jpegs))
         count, start = 0, None
         for batch in loader:
             if start is None:  # exclude worker start-up: time from the first batch on
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the trainer (both loops)")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--loader-passes", type=int, default=4, help="part (b): passes over the data per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of (a); best of each")
     parser.add_argument("--head-classes", default="1000,10000,100000", help="part (c); '' to skip")
     parser.add_argument("--json", help="also write the figures here")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 
 import ray
 from tqdm import tqdm
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
-def _write_shard_task(task, cfg: IngestConfig) -> ShardResult:
-    return write_shard(task, cfg)
+def _write_shard_task(task, cfg: IngestConfig) -> tuple[ShardResult, str]:
+    """One shard, and the Ray node that wrote it (for the per-node count printed at the end)."""
+    return write_shard(task, cfg), ray.get_runtime_context().get_node_id()
 
 
 class _Progress:
@@ -52,8 +54,12 @@ class _Progress:
         self.bar.close()
 
 
-def run_plan(plan: IngestPlan, cfg: IngestConfig) -> list[ShardResult]:
-    """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight."""
+def run_plan(plan: IngestPlan, cfg: IngestConfig, nodes: Counter | None = None) -> list[ShardResult]:
+    """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight.
+
+    nodes: counts the tasks that completed on each Ray node (by node id). A task whose node dies is
+    retried elsewhere by Ray (worker and node deaths count against runtime.max_task_retries).
+    """
     remote = _write_shard_task.options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])  # transient storage errors; worker deaths are always retried
     cfg_ref = ray.put(cfg)
     max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
@@ -69,8 +75,10 @@ def run_plan(plan: IngestPlan, cfg: IngestConfig) -> list[ShardResult]:
                 next_task += 1
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                result = ray.get(ref)
+                result, node_id = ray.get(ref)
                 results.append(result)
+                if nodes is not None:
+                    nodes[node_id] += 1
                 progress.update(result)
     finally:
         progress.close()
@@ -84,10 +92,12 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
              plan.num_tasks, ", ".join(plan.splits))
     check_out_location(plan)
+    nodes: Counter = Counter()
     with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
-        results = run_plan(plan, cfg)
+        results = run_plan(plan, cfg, nodes)
     manifest = finalize(plan, results, cfg)
     elapsed = time.monotonic() - start
     print(summary_table(manifest["totals"]))
+    print("shard tasks by Ray node: " + ", ".join(f"{node[:12]} {count}" for node, count in nodes.most_common()))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
     return manifest

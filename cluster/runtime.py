@@ -37,7 +37,7 @@ WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None, log_to_driver: bool = True,
                 dashboard: bool = True) -> Iterator[None]:
-    """Use an initialised Ray, join the cluster at `address`, or start a local Ray for the block.
+    """Use an initialised Ray, join the cluster at `address` (else $RAY_ADDRESS), or start a local Ray.
 
     A joined cluster keeps its own token authentication (RAY_AUTH_TOKEN / ~/.ray/auth_token).
     A local Ray for training keeps its dashboard: Ray Train's controller watches its actors through
@@ -46,6 +46,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, log_to_driv
     if ray.is_initialized():
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention for "join this cluster"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"address": address} if address else {
         "include_dashboard": dashboard, "dashboard_host": "127.0.0.1", "num_cpus": num_cpus}

@@ -8,10 +8,13 @@
 
 `timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.
 
-Atomicity. On a local filesystem a checkpoint is built in a sibling staging dir `.staging-NAME`
-and renamed into place, so CKPT either does not exist or is complete. Object stores have no
-rename: there the files are written in place and SHA256SUMS is written last as the completion
-marker; a dir without it is incomplete, ignored by `list_checkpoints` and refused by `verify`.
+Atomicity. A checkpoint is built in a sibling staging dir `.staging-NAME`, SHA256SUMS last (the
+completion marker: a dir without it is incomplete, ignored by `list_checkpoints` and refused by
+`verify`). On a local filesystem the staging dir is then renamed into place. Object stores have no
+rename: the complete staging dir is copied over CKPT (server-side copies, SHA256SUMS last) and
+removed after. While CKPT is being replaced its SHA256SUMS is absent, and readers take the complete
+staging dir instead, so rewriting a checkpoint at an existing URL never leaves a moment without a
+valid one; an interrupted replacement is finished by the next `begin_checkpoint` of that URL.
 Loading verifies every file against SHA256SUMS and refuses missing, truncated, altered or foreign
 (unlisted) files with a CheckpointError naming the file. Weights are read with safetensors only.
 
@@ -94,23 +97,35 @@ def step_dir_name(step: int) -> str:
 # -- writing --------------------------------------------------------------------------------------
 
 def staging_url(url: str) -> str:
-    """Where the checkpoint for `url` is built. Local: a sibling `.staging-NAME`, renamed onto `url`
-    at the end. Elsewhere: `url` itself (SHA256SUMS, written last, marks it complete)."""
-    fs, path = _fs(url)
-    path = path.rstrip("/")
-    if _is_local(fs):
-        return posixpath.join(posixpath.dirname(path), f".staging-{posixpath.basename(path)}")
-    return url
+    """Where the checkpoint for `url` is built: the sibling `.staging-NAME` (same filesystem)."""
+    base = str(url).rstrip("/")
+    parent, name = base.rsplit("/", 1) if "/" in base else ("", base)
+    return f"{parent}/.staging-{name}" if parent else f".staging-{name}"
 
 
 def begin_checkpoint(url: str) -> str:
-    """Empty the staging location of `url` and return it (call once, before any rank writes train_state)."""
+    """Empty the staging location of `url` and return it (call once, before any rank writes train_state).
+
+    A complete staging dir is a replacement that was interrupted after it was written: it is
+    committed first, so that the valid checkpoint it holds is not lost.
+    """
     staging = staging_url(url)
     fs, path = _fs(staging)
+    if fs.exists(_join(path, SUMS_FILE)):
+        _commit(fs, path, _fs(url)[1].rstrip("/"))
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
     return staging
+
+
+def readable_url(url: str) -> str:
+    """`url`, or its complete staging dir while `url` is being replaced (see Atomicity above)."""
+    fs, root = _fs(url)
+    if fs.exists(_join(root.rstrip("/"), SUMS_FILE)):
+        return url
+    staging = staging_url(url)
+    return staging if fs.exists(_join(_fs(staging)[1], SUMS_FILE)) else url
 
 
 def _timm_config(arch: str, num_classes: int, model_args: dict[str, Any], pretrained_cfg: dict[str, Any],
@@ -186,21 +201,30 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     sums = "".join(f"{_sha256(fs, _join(stage_path, rel))}  {rel}\n"
                    for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE)
     _write(fs, _join(stage_path, SUMS_FILE), sums.encode())  # last: marks the checkpoint complete
-    if _is_local(fs):
-        _commit_local(stage_path, _fs(url)[1].rstrip("/"))
+    _commit(fs, stage_path, _fs(url)[1].rstrip("/"))
     return url
 
 
-def _commit_local(staging: str, target: str) -> None:
-    """Rename staging onto target; an existing target (a re-run of the same step) is moved aside first."""
-    if os.path.exists(target):
-        trash = f"{staging}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(target, trash)
-        os.rename(staging, target)
-        shutil.rmtree(trash)
-    else:
-        os.rename(staging, target)
+def _commit(fs, staging: str, target: str) -> None:
+    """Put the complete checkpoint at `staging` in place of `target` (see Atomicity in the module doc)."""
+    if _is_local(fs):
+        if os.path.exists(target):  # a re-run of the same step: the old one is moved aside first
+            trash = f"{staging}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash)
+        else:
+            os.rename(staging, target)
+        return
+    if fs.exists(target):
+        if fs.exists(_join(target, SUMS_FILE)):
+            fs.rm(_join(target, SUMS_FILE))  # first: from now on readers take the complete staging dir
+        fs.rm(target, recursive=True)
+    files = _relative_files(fs, staging)
+    for rel in [r for r in files if r != SUMS_FILE] + [SUMS_FILE]:  # server-side copies, SHA256SUMS last
+        fs.copy(_join(staging, rel), _join(target, rel))
+    fs.rm(staging, recursive=True)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -220,7 +244,7 @@ def _read_sums(fs, root: str, url: str) -> dict[str, str]:
 
 def verify_checkpoint(url: str) -> dict[str, Any]:
     """Check every file against SHA256SUMS (no missing, altered or unlisted files); returns config.json."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise CheckpointError(f"{url}: no such checkpoint directory")
@@ -265,7 +289,7 @@ def _read_config(fs, root: str, url: str) -> dict[str, Any]:
 
 def load_checkpoint(url: str, *, verify: bool = True) -> LoadedCheckpoint:
     """Read (and by default verify) a checkpoint; weights via safetensors, nothing unpickled."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     root = root.rstrip("/")
     config = verify_checkpoint(url) if verify else _read_config(fs, root, url)
     weights_path = _join(root, WEIGHTS_FILE)
@@ -321,7 +345,7 @@ def classifier_name(model: nn.Module) -> str:
 
 def checkpoint_files(url: str) -> list[str]:
     """Relative paths of every file of a checkpoint, SHA256SUMS included (for the registry to copy)."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     return sorted([*_read_sums(fs, root.rstrip("/"), url), SUMS_FILE])
 
 
@@ -334,7 +358,7 @@ def list_checkpoints(run_url: str) -> list[str]:
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
         match = STEP_DIR_RE.match(name)
-        if match and fs.exists(_join(entry, SUMS_FILE)):
+        if match and fs.exists(_join(_fs(readable_url(entry))[1], SUMS_FILE)):
             found.append((int(match.group(1)), _join(run_url, name)))
     return [url for _, url in sorted(found)]
 

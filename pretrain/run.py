@@ -198,7 +198,7 @@ def _resume(run: Run) -> bool:
     latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
     if latest is not None:
         ckpt.verify_checkpoint(latest)
-        saved = load_train_state(posixpath.join(latest, ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
+        saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
                                  optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
         rng_restored = saved.world_size == dist.world_size

@@ -27,6 +27,7 @@ demo: install
 	$(VENV)/bin/megaclass simulate --workdir demo
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

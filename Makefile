@@ -35,6 +35,7 @@ browser:
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(BROWSER_PKGS); }
 
 test: install browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

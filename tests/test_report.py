@@ -4,6 +4,7 @@ A small long-tailed dataset is ingested from a loopback server (two hosts: 127.0
 refuses connections), with failures of several kinds and a label written by an attacker.
 """
 
+import base64
 import io
 import json
 import os
@@ -23,19 +24,14 @@ from data_pipeline import dataset
 from data_pipeline.config import replace
 from data_pipeline.ingest import IngestConfig, check_out_location, finalize, plan_shards, write_shard
 from data_pipeline.report import HTML_FILE, JSON_FILE, REPORT_DIR, ReportOptions, gather_report, write_report
-from http_server import LoopbackServer
+from tests.conftest import solid_jpeg
+from tests.http_server import LoopbackServer
 
 CFG = replace(IngestConfig(), ["fetch.allow_networks=[127.0.0.0/8]", "fetch.timeout_s=2.0", "fetch.threads=8",
                                "image.image_size=48", "output.shard_size=16", "output.max_failed_fraction=1.0"])
 HOSTILE = '<img src=x onerror="alert(1)"></title><script>alert(2)</script>'
 CLASS_SIZES = {"cat": 14, "dog": 7, "bird": 3, "fox": 1, "owl": 1, HOSTILE: 1}
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "images" / "report.png"
-
-
-def jpeg(width: int, height: int, color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def ingest(source: str, out: str) -> dict:
@@ -54,11 +50,11 @@ def write_source(server: LoopbackServer, path: Path) -> str:
     for c, (label, size) in enumerate(CLASS_SIZES.items()):
         for i in range(size):
             color = (40 * c % 256, 255 - 30 * c % 256, (17 * i) % 256)
-            urls.append(server.add(f"/{c}/{i}.jpg", jpeg(40 + 8 * (i % 4), 30 + 6 * c, color)))
+            urls.append(server.add(f"/{c}/{i}.jpg", solid_jpeg(40 + 8 * (i % 4), 30 + 6 * c, color)))
             labels.append(label)
     failures = [(server.url("/gone.jpg"), "ghost"), (server.url("/gone2.jpg"), "cat"),
                 (server.add("/page", b"<html></html>", content_type="text/html"), "dog"),
-                (server.add("/tiny.jpg", jpeg(4, 4, (0, 0, 0))), "bird"),
+                (server.add("/tiny.jpg", solid_jpeg(4, 4, (0, 0, 0))), "bird"),
                 (server.url("/0/0.jpg").replace("127.0.0.1", "127.0.0.2"), "cat"),
                 (server.url("/0/1.jpg").replace("127.0.0.1", "127.0.0.2"), "ghost"),
                 ("ftp//broken", "cat"), ("http://<b>x</b>/a.jpg", "dog")]
@@ -69,14 +65,13 @@ def write_source(server: LoopbackServer, path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory):
+def ingested(tmp_path_factory, http_server):
     """A local dataset and the same rows in memory://."""
     tmp = tmp_path_factory.mktemp("report")
-    with LoopbackServer() as server:
-        source = write_source(server, tmp / "src.parquet")
-        local = str(tmp / "ds")
-        ingest(source, local)
-        ingest(source, "memory://report-ds")
+    source = write_source(http_server, tmp / "src.parquet")
+    local = str(tmp / "ds")
+    ingest(source, local)
+    ingest(source, "memory://report-ds")
     return local
 
 
@@ -108,7 +103,7 @@ def test_report_numbers_match_the_index(ingested):
     assert largest == [("cat", 14, 4), ("dog", 7, 4), ("bird", 3, 3)]
     rarest = [(c["name"], len(c["thumbs"])) for c in data["rarest"]]
     assert sorted(rarest) == sorted([("fox", 1), ("owl", 1), (HOSTILE, 1)])
-    thumb = Image.open(io.BytesIO(__import__("base64").b64decode(data["largest"][0]["thumbs"][0].split(",", 1)[1])))
+    thumb = Image.open(io.BytesIO(base64.b64decode(data["largest"][0]["thumbs"][0].split(",", 1)[1])))
     assert max(thumb.size) <= 96 and data["problems"] == []
 
 
@@ -144,7 +139,7 @@ def test_altered_and_corrupt_samples_are_reported_not_fatal(ingested, tmp_path):
     shutil.copytree(ingested, root)
     shard = dataset.split_shards(root, "train")[0][0]
     samples = list(dataset.iter_shard(shard))
-    samples[0]["jpg"] = jpeg(20, 20, (0, 255, 0))   # valid JPEG, but not the bytes the index recorded
+    samples[0]["jpg"] = solid_jpeg(20, 20, (0, 255, 0))   # valid JPEG, but not the bytes the index recorded
     samples[1]["jpg"] = b"\xff\xd8 not really a jpeg"
     dataset.write_shard(shard, samples)
     data = gather_report(root, ReportOptions(thumbs_per_class=16))

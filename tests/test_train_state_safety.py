@@ -5,7 +5,6 @@ freely. Both are tried directly and through `megaclass pretrain` / `megaclass fi
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import pytest

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cluster.runtime import ray_session
 from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize, plan_shards,
                                   summary_table, write_shard)
+from data_pipeline.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -100,4 +101,8 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     print(summary_table(manifest["totals"]))
     print("shard tasks by Ray node: " + ", ".join(f"{node[:12]} {count}" for node, count in nodes.most_common()))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
+    try:
+        print(f"report: {write_report(out_url)}")
+    except (OSError, ValueError) as exc:  # the dataset is complete; a failed page must not fail the ingest
+        log.warning("dataset report not written: %s", exc)
     return manifest

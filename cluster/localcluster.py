@@ -131,8 +131,8 @@ class S3Server:
         return False
 
     def stop(self) -> None:
-        if self._proc is not None:
-            stop_session(self._proc.pid)
+        if self._proc is not None:  # in-memory test server: nothing to flush, so no grace period
+            signal_session(self._proc.pid, signal.SIGKILL, 10.0)
             self._proc.wait(timeout=10)
             self._proc = None
 

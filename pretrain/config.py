@@ -11,6 +11,8 @@ scaling.num_workers, scaling.use_gpu, scaling.max_failures) keep their names and
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -137,9 +139,13 @@ class ScalingSection:
     use_gpu: bool = doc("one GPU per worker (NCCL) instead of CPU (gloo)", False)
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
     cpus_per_worker: float = doc("CPUs Ray reserves per worker (loader workers + trainer)", 1.0)
+    min_workers: int = doc("0 = always num_workers; else a restart after a lost node may go on with as few as "
+                           "this many workers, same global batch through more accumulation steps", 0)
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
+                f"must be 0 (off) or 1..scaling.num_workers ({self.num_workers}), got {self.min_workers}")
         require(self.max_failures >= -1, "scaling.max_failures", "must be >= 0 (or -1 = unlimited)")
         require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
 
@@ -178,11 +184,25 @@ class PretrainConfig:
         require(self.train.global_batch_size % ranks_x_accum == 0, "train.global_batch_size",
                 f"{self.train.global_batch_size} is not divisible by scaling.num_workers * "
                 f"train.grad_accum_steps = {self.scaling.num_workers} * {self.train.grad_accum_steps}")
+        for world_size in range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers):
+            require(self.train.global_batch_size % (world_size * self.batch_size_per_rank) == 0, "scaling.min_workers",
+                    f"on {world_size} workers, train.global_batch_size {self.train.global_batch_size} is not a whole "
+                    f"number of micro-batches of {self.batch_size_per_rank} per worker")
 
     @property
     def batch_size_per_rank(self) -> int:
         """Micro-batch size of one rank (one forward/backward)."""
         return self.train.global_batch_size // (self.scaling.num_workers * self.train.grad_accum_steps)
+
+
+def fit_to_world_size(cfg: "PretrainConfig", world_size: int) -> "PretrainConfig":
+    """The config for a run on `world_size` < scaling.num_workers ranks (scaling.min_workers set): the same
+    micro-batch per rank and the same global batch, so more accumulation steps per optimizer step."""
+    if not cfg.scaling.min_workers or world_size >= cfg.scaling.num_workers:
+        return cfg
+    accum = cfg.train.global_batch_size // (world_size * cfg.batch_size_per_rank)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum),
+                               scaling=dataclasses.replace(cfg.scaling, num_workers=world_size))
 
 
 def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:

@@ -30,7 +30,7 @@ from data_pipeline.config import ConfigError, to_dict, to_yaml
 from data_pipeline.reader import Loader, create_loader, dataset_info
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform
 from pretrain import checkpoint as ckpt
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, fit_to_world_size
 from pretrain.dist import DistInfo, barrier
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
@@ -146,6 +146,11 @@ def check_resume(cfg: PretrainConfig) -> str | None:
 
 def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
     """Build model, head, optimizer, schedule and data plan; resume from the newest run checkpoint."""
+    if dist.world_size < cfg.scaling.num_workers and cfg.scaling.min_workers:
+        cfg = fit_to_world_size(cfg, dist.world_size)
+        log.warning("running on %d of %d workers (scaling.min_workers): %d accumulation steps per optimizer step "
+                    "keep the global batch at %d", dist.world_size, cfg.scaling.num_workers,
+                    cfg.train.grad_accum_steps, cfg.train.global_batch_size)
     ranks_x_accum = dist.world_size * cfg.train.grad_accum_steps
     if cfg.train.global_batch_size % ranks_x_accum:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "

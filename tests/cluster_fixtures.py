@@ -1,10 +1,10 @@
 """Session-wide real servers for the object-store and multi-node tests: moto's S3 API server and a
 two-node Ray cluster (head + `ray start --address`, 1 CPU each, token auth on), started once.
 
-    from tests.cluster_fixtures import cluster_env, s3_server, two_nodes  # noqa: F401 (fixtures)
+    pytest_plugins = ["tests.cluster_fixtures"]   # in a test module
 
-`cluster_env` puts RAY_ADDRESS, RAY_AUTH_TOKEN and the AWS_* variables of the S3 server into this
-test's environment only (other tests must not join the cluster by accident).
+`s3_env` puts the AWS_* variables of the S3 server into this test's environment, `cluster_env` also
+RAY_ADDRESS and RAY_AUTH_TOKEN (per test: other tests must not join the cluster by accident).
 """
 
 from __future__ import annotations
@@ -26,13 +26,22 @@ def two_nodes(s3_server):
         yield cluster
 
 
-@pytest.fixture
-def cluster_env(s3_server, two_nodes, monkeypatch):
-    """The environment a user sets to work against the cluster and the bucket; returns it as a dict."""
+def _apply(env: dict[str, str], monkeypatch) -> dict[str, str]:
     import fsspec
 
-    env = {**s3_server.env, **two_nodes.env}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     fsspec.filesystem("s3").invalidate_cache()  # listings cached by an earlier test are stale now
     return env
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS_* variables that point s3fs at the server, in this test's environment; returns them."""
+    return _apply(dict(s3_server.env), monkeypatch)
+
+
+@pytest.fixture
+def cluster_env(s3_server, two_nodes, monkeypatch):
+    """What a user sets to work against the cluster and the bucket (RAY_ADDRESS, RAY_AUTH_TOKEN, AWS_*)."""
+    return _apply({**s3_server.env, **two_nodes.env}, monkeypatch)

@@ -194,7 +194,7 @@ class LocalRayCluster:
                 f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                 f"--metrics-export-port={free_port()}", "--disable-usage-stats"]
 
-    def _ray_start(self, index: int, args: list[str], attempts: int = 2) -> None:
+    def _ray_start(self, index: int, args: list[str], attempts: int = 3) -> None:
         """`ray start` in a session of its own. Ray gives a node 30 s to register with the GCS, which an
         overloaded machine can miss: the node's leftovers are stopped and it is started once more."""
         (self.workdir / "home").mkdir(parents=True, exist_ok=True)
@@ -277,3 +277,62 @@ class LocalRayCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class NodeKiller:
+    """Chaos for a LocalRayCluster: SIGKILL node `index` once `ready()` is true, once; then start it again
+    after `restart_after_s` (None: leave it dead). start/stop/report like cluster.chaos.ProcessKiller."""
+
+    def __init__(self, cluster: LocalRayCluster, index: int, ready, *, restart_after_s: float | None = None,
+                 poll_s: float = 0.2):
+        import threading
+
+        self.cluster, self.index, self.ready = cluster, index, ready
+        self.restart_after_s, self.poll_s = restart_after_s, poll_s
+        self.killed: list[dict] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            try:
+                if not self.ready():
+                    continue
+            except OSError:
+                continue  # the store is busy or the file half-listed: look again
+            pids = self.cluster.kill_node(self.index)
+            record = {"pid": min(pids) if pids else 0, "process": f"Ray node {self.index}: {len(pids)} processes",
+                      "at_s": round(time.monotonic() - started, 1)}
+            self.killed.append(record)
+            if self.restart_after_s is not None:
+                time.sleep(self.restart_after_s)
+                try:
+                    self.cluster.start_node(self.index)
+                    record["restarted_after_s"] = round(time.monotonic() - started - record["at_s"], 1)
+                except RuntimeError as exc:
+                    self.error = str(exc)[:300]
+            return
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        return {"pattern": f"Ray node {self.index}", "killed": self.killed, **({"error": self.error} if self.error else {})}
+
+
+def running_task(pids: list[int], task_name: str) -> bool:
+    """True when one of `pids` is a Ray worker running `task_name` now (Ray titles it `ray::NAME`)."""
+    prefix = f"ray::{task_name}".encode()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(prefix):
+                return True
+        except OSError:
+            continue  # ended while we looked
+    return False

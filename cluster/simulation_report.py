@@ -7,17 +7,28 @@ report), not from the simulation's own bookkeeping, so the report checks the art
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import posixpath
 from typing import TYPE_CHECKING
+
+import fsspec
 
 if TYPE_CHECKING:
     from cluster.simulate import Simulation
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _join(base, *parts: str) -> str:
+    """A path or URL under `base` (a local Path or an s3:// URL: the simulation's stores)."""
+    return posixpath.join(str(base), *parts)
+
+
+def _read_text(url: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # written by other processes just now
+    return fs.cat_file(path).decode() if fs.exists(path) else None
+
+
+def _read_jsonl(url: str) -> list[dict]:
+    text = _read_text(url) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _last(records: list[dict], key: str):
@@ -28,7 +39,7 @@ def _last(records: list[dict], key: str):
 
 
 def _ingest(sim: "Simulation", seconds: float) -> dict:
-    manifest = json.loads((sim.paths["dataset"] / "manifest.json").read_text())
+    manifest = json.loads(_read_text(_join(sim.paths["dataset"], "manifest.json")))
     totals = manifest["totals"]
     rows = sum(t["rows"] for t in totals.values())
     ok = sum(t["ok"] for t in totals.values())
@@ -47,10 +58,10 @@ def _ingest(sim: "Simulation", seconds: float) -> dict:
     }
 
 
-def _training(run_dir: Path) -> dict:
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+def _training(run_dir) -> dict:
+    records = _read_jsonl(_join(run_dir, "metrics.jsonl"))
     steps = [r for r in records if "loss" in r]
-    config = json.loads((run_dir / "final" / "config.json").read_text()) if (run_dir / "final" / "config.json").exists() else {}
+    config = json.loads(_read_text(_join(run_dir, "final", "config.json")) or "{}")
     block = config.get("megaclass", {})
     return {
         "final_step": block.get("step", _last(steps, "step")),
@@ -68,7 +79,7 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
     ingest = _ingest(sim, stages["ingest"].seconds)
     pretrain = _training(sim.paths["run"])
     finetune = _training(sim.paths["finetune"])
-    evaluation = json.loads((sim.paths["evaluation"] / "report.json").read_text())
+    evaluation = json.loads(_read_text(_join(sim.paths["evaluation"], "report.json")))
     report = {
         "seconds": {name: round(s.seconds, 1) for name, s in stages.items()} | {"total": round(total_s, 1)},
         "ingest": ingest,
@@ -77,7 +88,7 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
         "downstream": {"top1": evaluation.get("top1"), "top5": evaluation.get("top5"),
                        "num_samples": evaluation.get("num_samples")},
         "artifacts": {name: str(path) for name, path in sim.paths.items()}
-        | {"published": str(sim.paths["registry"] / "sim-backbone"),
+        | {"published": _join(sim.paths["registry"], "sim-backbone"),
            "logs": str(sim.workdir / "logs")},
         "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},
     }
@@ -89,8 +100,11 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
     }
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
-        checks["chaos: an ingestion task was killed and retried"] = killed.get("ingest", False) and ingest["balanced"]
-        checks["chaos: a training worker was killed and the run resumed"] = killed.get("pretrain", False) \
+        what = "the second Ray node" if sim.cfg.nodes > 1 else "an ingestion task"
+        checks[f"chaos: {what} was killed and ingestion retried its tasks"] = killed.get("ingest", False) \
+            and ingest["balanced"]
+        what = "the second Ray node" if sim.cfg.nodes > 1 else "a training worker"
+        checks[f"chaos: {what} was killed and the run resumed"] = killed.get("pretrain", False) \
             and bool(pretrain["resumes"])
     report["checks"] = checks
     report["ok"] = all(checks.values())
@@ -124,7 +138,8 @@ def format_report(report: dict) -> str:
     ]
     for name, chaos in report["chaos"].items():
         for kill in chaos["killed"]:
-            lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s")
+            lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s"
+                         + (f", back after {kill['restarted_after_s']} s" if "restarted_after_s" in kill else ""))
         if not chaos["killed"]:
             lines.append(f"chaos: {name}: no process matching {chaos['pattern']!r} was found to kill")
     for resume in pre["resumes"]:

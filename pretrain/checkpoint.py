@@ -375,6 +375,7 @@ def checkpoint_files(url: str) -> list[str]:
 def list_checkpoints(run_url: str) -> list[str]:
     """Complete run checkpoints (step-N/ with SHA256SUMS) of a run dir, oldest first."""
     fs, root = _fs(run_url)
+    fs.invalidate_cache(root)  # object-store listings are cached per process; other ranks and runs write here
     if not fs.isdir(root):
         return []
     found = []

@@ -146,6 +146,11 @@ def read_folder_source(url: str) -> tuple[pa.Table, str]:
     return table, listing.hexdigest()
 
 
+def is_folder(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
 def read_source(url: str) -> tuple[pa.Table, str]:
     """The source table (SOURCE_SCHEMA) and a fingerprint of its content."""
     fs, path = fsspec.core.url_to_fs(url)

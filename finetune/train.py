@@ -30,7 +30,7 @@ from data_pipeline.transforms import create_eval_transform, create_train_transfo
 from finetune.config import FinetuneConfig
 from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
 from finetune.evaluate import preprocessing, run_eval
-from finetune.model import create_finetune_model, head_parameters, set_backbone_frozen, set_train_mode
+from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
 from finetune.rundir import RunDir, read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed

@@ -333,7 +333,7 @@ def list_checkpoints(run_url: str) -> list[str]:
     found = []
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
-        match = STEP_DIR_RE.match(name)
+        match = STEP_DIR_RE.fullmatch(name)
         if match and fs.exists(_join(entry, SUMS_FILE)):
             found.append((int(match.group(1)), _join(run_url, name)))
     return [url for _, url in sorted(found)]

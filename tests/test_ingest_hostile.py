@@ -22,8 +22,9 @@ from data_pipeline.fetch import FetchOptions, clean_url, fetch
 from data_pipeline.image import ImageOptions, plain_jpeg, process_image
 from data_pipeline.ingest import IngestConfig, url_skips
 from data_pipeline.netpolicy import NetworkPolicy
-from http_server import LoopbackServer
-from test_ingest import CFG, ingest, jpeg, read_index, write_table
+from tests.conftest import solid_jpeg as jpeg
+from tests.http_server import LoopbackServer
+from tests.test_ingest import CFG, ingest, read_index, write_table
 
 LOOPBACK = NetworkPolicy.from_cidrs(["127.0.0.0/8", "::1/128"])
 

@@ -118,8 +118,8 @@ def run_megaclass(urls: list[str], cores: int) -> tuple[float, int]:
     try:
         start = time.perf_counter()
         plan = plan_shards(str(source), str(out), cfg)
-        results = run_plan(plan, cfg)
-        manifest = finalize(plan, results, cfg)
+        results, class_counts = run_plan(plan, cfg)
+        manifest = finalize(plan, results, cfg, class_counts)
         elapsed = time.perf_counter() - start
     finally:
         ray.shutdown()

@@ -20,7 +20,8 @@ from data_pipeline import ingest as ingest_module
 from data_pipeline.config import ConfigError, replace
 from data_pipeline.fetch import FetchOptions, clean_url, fetch
 from data_pipeline.image import ImageOptions, plain_jpeg, process_image
-from data_pipeline.ingest import IngestConfig, url_skips
+from data_pipeline.ingest import IngestConfig
+from data_pipeline.shard_plan import url_skips
 from data_pipeline.netpolicy import NetworkPolicy
 from tests.conftest import solid_jpeg as jpeg
 from tests.http_server import LoopbackServer

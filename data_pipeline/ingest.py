@@ -292,8 +292,12 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     fetch_opts = dataclasses.replace(cfg.fetch_options(), allow_schemes=task.schemes)
     image_opts = cfg.image_options()
     cpu = threading.Semaphore(1)
+    outcomes = [{"status": "skipped", "reason": r["skip_reason"], "attempts": 0} if r["skip_reason"] else None
+                for r in rows]
+    todo = [i for i, outcome in enumerate(outcomes) if outcome is None]  # skipped rows never cost a thread hop
     with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
-        outcomes = list(pool.map(lambda r: process_row(r, fetch_opts, image_opts, cpu), rows))
+        for i, outcome in zip(todo, pool.map(lambda i: process_row(rows[i], fetch_opts, image_opts, cpu), todo)):
+            outcomes[i] = outcome
 
     samples = []
     records = {name: [] for name in dataset.INDEX_SCHEMA.names}

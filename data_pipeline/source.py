@@ -147,10 +147,14 @@ def read_folder_source(url: str) -> tuple[pa.Table, str]:
 
 
 def read_source(url: str) -> tuple[pa.Table, str]:
-    """The source table (SOURCE_SCHEMA) and a fingerprint of its content."""
+    """The source table (SOURCE_SCHEMA; a COCO JSON adds detection columns) and a fingerprint of its content."""
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isdir(path):
         return read_folder_source(url)
     if not fs.exists(path):
         raise SourceError(f"source {url}: file not found")
+    from data_pipeline.detection import is_coco_json, read_coco_source  # detection imports this module
+
+    if is_coco_json(url):
+        return read_coco_source(url)
     return read_table_source(url)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline import dataset
+from data_pipeline import dataset, detection
 from data_pipeline.config import ConfigError, doc, require, to_dict
 from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
 from data_pipeline.image import ImageOptions, process_image
@@ -156,6 +156,7 @@ class IngestPlan:
     table: pa.Table                   # PLAN_SCHEMA, all rows
     bounds: list[tuple[str, int, int, int]]   # (split, shard_index, first, end) per task into `table`
     splits: list[str]
+    dataset_task: str = "classification"  # "detection" for a COCO source: `table` then has objects, image_id
 
     @property
     def num_tasks(self) -> int:
@@ -179,9 +180,10 @@ class ShardResult:
     num_rows: int
     status_counts: dict[str, int]
     reason_counts: dict[str, int]
-    class_ids: list[int]                       # classes with ok samples in this shard ...
+    class_ids: list[int]                       # classes with ok samples (detection: boxes) in this shard ...
     class_counts: list[int]                    # ... and their counts (merged in finalize)
     skipped_existing: bool = False
+    box_counts: dict | None = None             # detection: detection.BoxCounts.as_dict() of this shard
 
 
 class IngestError(RuntimeError):
@@ -209,6 +211,7 @@ def _held_out(keys: list[str], seed: int, fraction: float) -> np.ndarray:
 def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     """Read and validate the source; assign class ids, splits, skips and shards to every row."""
     source, source_fp = read_source(source_url)
+    detection_names = detection.source_class_names(source)  # None: a classification source
     urls = source.column("url").to_pylist()
     protocols = frozenset(fsspec.available_protocols()) | {"file"}
     url_ok = np.fromiter((_url_ok(u, protocols) for u in urls), dtype=bool, count=len(urls))
@@ -216,6 +219,8 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
         raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {urls[0]!r})")
     labels = source.column("label")
     has_label = pc.fill_null(pc.greater(pc.utf8_length(labels), 0), False).to_numpy(zero_copy_only=False)
+    if detection_names is not None:  # an image's classes are in its objects, not in a label
+        has_label = np.ones(source.num_rows, dtype=bool)
 
     # First occurrence of a URL wins; later ones are skipped as duplicate_url.
     valid_rows = source.filter(pa.array(url_ok)).select(["source_row", "url"])
@@ -226,10 +231,17 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     skip[url_ok & ~is_first] = "duplicate_url"
     skip[~has_label] = "missing_label"
     skip[~url_ok] = "bad_url"
+    if detection.SKIP_COLUMN in source.column_names:
+        preset = np.array(source.column(detection.SKIP_COLUMN).to_pylist(), dtype=object)
+        skip[preset != None] = preset[preset != None]  # noqa: E711 (elementwise on an object array)
 
-    names = pc.unique(labels.filter(pa.array(has_label)))
-    names = names.take(pc.sort_indices(names))
-    class_ids = pc.fill_null(pc.index_in(labels, value_set=names), -1).cast(pa.int32())
+    if detection_names is None:
+        names = pc.unique(labels.filter(pa.array(has_label)))
+        names = names.take(pc.sort_indices(names))
+        class_ids = pc.fill_null(pc.index_in(labels, value_set=names), -1).cast(pa.int32())
+    else:  # declared categories, every one a class even without boxes; a sample has no single class
+        names = pa.array(detection_names, pa.string())
+        class_ids = pa.array(np.full(source.num_rows, -1, dtype=np.int32))
 
     out = cfg.output
     keys = source.column("key").to_pylist()
@@ -238,6 +250,9 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     table = pa.Table.from_arrays(
         [source.column("source_row"), source.column("key"), source.column("url"), labels, class_ids,
          pa.array(split, pa.string()), pa.array(skip, pa.string())], schema=PLAN_SCHEMA)
+    if detection_names is not None:
+        for column in (detection.OBJECTS_COLUMN, detection.IMAGE_ID_COLUMN):
+            table = table.append_column(column, source.column(column))
 
     bounds = []
     splits = [out.train_split] + ([out.val_split] if out.val_fraction > 0 else [])
@@ -253,22 +268,28 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     fingerprint = hashlib.sha256(json.dumps(
         {"format": dataset.FORMAT_VERSION, "source": source_fp, "options": cfg.recorded_options()},
         sort_keys=True).encode()).hexdigest()
-    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits)
+    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits,
+                      "classification" if detection_names is None else detection.TASK)
 
 
 # ---- one shard -------------------------------------------------------------------------------
 
 def _summarize(task_id: int, split: str, shard: dataset.ShardRecord | None, index: pa.Table,
-               skipped_existing: bool = False) -> ShardResult:
+               skipped_existing: bool = False, box_counts: dict | None = None) -> ShardResult:
     def counts(column: str, mask=None) -> dict[str, int]:
         values = index.column(column) if mask is None else index.column(column).filter(mask)
         result = pc.value_counts(values).to_pylist()
         return {item["values"]: item["counts"] for item in result if item["values"]}
 
     ok = pc.equal(index.column("status"), "ok")
-    class_ids, class_counts = np.unique(index.column("class_id").filter(ok).to_numpy(), return_counts=True)
+    if box_counts is not None:  # detection: a class counts its boxes
+        per_class = sorted((int(k), v) for k, v in box_counts["class_counts"].items())
+        class_ids, class_counts = [k for k, _ in per_class], [v for _, v in per_class]
+    else:
+        ids, numbers = np.unique(index.column("class_id").filter(ok).to_numpy(), return_counts=True)
+        class_ids, class_counts = ids.tolist(), numbers.tolist()
     return ShardResult(task_id, split, shard, index.num_rows, counts("status"), counts("reason"),
-                       class_ids.tolist(), class_counts.tolist(), skipped_existing)
+                       class_ids, class_counts, skipped_existing, box_counts)
 
 
 def committed_result(task: ShardTask) -> ShardResult | None:
@@ -286,7 +307,8 @@ def committed_result(task: ShardTask) -> ShardResult | None:
         fs, path = fsspec.core.url_to_fs(task.shard_url)
         if not fs.exists(path) or fs.size(path) != shard.bytes:
             return None
-    return _summarize(task.task_id, task.split, shard, index, skipped_existing=True)
+    return _summarize(task.task_id, task.split, shard, index, skipped_existing=True,
+                      box_counts=meta.get("box_counts"))
 
 
 def check_out_location(plan: IngestPlan) -> None:
@@ -331,6 +353,7 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
 
     samples = []
     records = {name: [] for name in dataset.INDEX_SCHEMA.names}
+    box_counts = detection.BoxCounts() if detection.OBJECTS_COLUMN in task.rows.column_names else None
     for row, outcome in zip(rows, outcomes):
         image = outcome.get("image")
         shard_name = ""
@@ -338,6 +361,12 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
             shard_name = dataset.shard_name(task.split, task.shard_index)
             meta = {"url": row["url"], "label": row["label"], "width": image.original_width,
                     "height": image.original_height}
+            if box_counts is not None:
+                boxes, counts = detection.scale_objects(
+                    row[detection.OBJECTS_COLUMN], original_size=(image.original_width, image.original_height),
+                    stored_size=(image.width, image.height), image_id=row[detection.IMAGE_ID_COLUMN])
+                meta.update(boxes)
+                box_counts.add(counts)
             samples.append(dataset.encode_sample(row["key"], image.jpg, row["class_id"], meta))
         values = {"key": row["key"], "source_row": row["source_row"], "url": row["url"], "label": row["label"],
                   "class_id": row["class_id"], "status": outcome["status"], "reason": outcome["reason"],
@@ -350,9 +379,11 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     shard = dataset.write_shard(task.shard_url, samples) if samples else None
     index = pa.Table.from_pydict(records, schema=dataset.INDEX_SCHEMA)
     meta = {"fingerprint": task.fingerprint, "shard": dataclasses.asdict(shard) if shard else None}
+    if box_counts is not None:
+        meta["box_counts"] = box_counts.as_dict()
     index = index.replace_schema_metadata({PART_META_KEY: json.dumps(meta, sort_keys=True).encode()})
     dataset.atomic_write_table(task.part_url, index)  # written last: its presence commits the shard
-    return _summarize(task.task_id, task.split, shard, index)
+    return _summarize(task.task_id, task.split, shard, index, box_counts=meta.get("box_counts"))
 
 
 # ---- the whole dataset ------------------------------------------------------------------------
@@ -383,6 +414,14 @@ def summary_table(totals: dict[str, dict]) -> str:
     for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {reason:<28}{count:>10}")
     return "\n".join(lines)
+
+
+def _detection_totals(results: list[ShardResult], split: str) -> dict:
+    merged = detection.BoxCounts()
+    for result in results:
+        if result.split == split and result.box_counts:
+            merged.add(detection.BoxCounts.from_dict(result.box_counts))
+    return {k: v for k, v in merged.as_dict().items() if k != "class_counts"}
 
 
 def _remove_stale_temporaries(out_url: str) -> None:
@@ -437,6 +476,13 @@ def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) ->
                            "shards": [dataclasses.asdict(s) for s in records]}
                    for split, records in shards.items()},
     }
+    if plan.dataset_task == detection.TASK:
+        merged = detection.BoxCounts()
+        for result in results:
+            merged.add(detection.BoxCounts.from_dict(result.box_counts or detection.BoxCounts().as_dict()))
+        manifest["task"] = detection.TASK
+        manifest["detection"] = {split: _detection_totals(results, split) for split in plan.splits}
+        manifest["detection"]["all"] = {k: v for k, v in merged.as_dict().items() if k != "class_counts"}
     dataset.atomic_write_json(dataset.join(plan.out_url, dataset.MANIFEST_FILE), manifest)
     dataset.write_info(plan.out_url, cfg.output.name, shards)
     return manifest

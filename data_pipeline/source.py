@@ -107,7 +107,7 @@ def _check_keys(keys: pa.Array, url: str) -> None:
         raise SourceError(f"source {url}: column 'key' has {keys.null_count} empty value(s)")
     if pc.count_distinct(keys).as_py() != len(keys):
         raise SourceError(f"source {url}: column 'key' has duplicate values (keys must be unique)")
-    bad = [k for k in keys.to_pylist() if not SAFE_KEY.match(k)]
+    bad = [k for k in keys.to_pylist() if not SAFE_KEY.fullmatch(k)]
     if bad:
         raise SourceError(f"source {url}: key {bad[0]!r} may only use letters, digits, '_' and '-'")
 
@@ -147,10 +147,14 @@ def read_folder_source(url: str) -> tuple[pa.Table, str]:
 
 
 def read_source(url: str) -> tuple[pa.Table, str]:
-    """The source table (SOURCE_SCHEMA) and a fingerprint of its content."""
+    """The source table (SOURCE_SCHEMA; a COCO JSON adds detection columns) and a fingerprint of its content."""
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isdir(path):
         return read_folder_source(url)
     if not fs.exists(path):
         raise SourceError(f"source {url}: file not found")
+    from data_pipeline.detection import is_coco_json, read_coco_source  # detection imports this module
+
+    if is_coco_json(url):
+        return read_coco_source(url)
     return read_table_source(url)

@@ -9,6 +9,7 @@ in pretrain.train.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -210,10 +211,13 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
         torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * run.progress.step)
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        # broadcast_buffers=False: no broadcast of BatchNorm statistics before every forward; each rank
-        # keeps its own and sync_buffers averages them before evaluating and checkpointing.
-        run.model = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids, broadcast_buffers=False,
-                                                        gradient_as_bucket_view=True)
+        # No broadcast of BatchNorm statistics before every forward (rank 0's are still copied once, at
+        # construction): each rank keeps its own and Run.sync_buffers averages them before evaluating and
+        # checkpointing. torch 2.14 renamed the switch; older releases know only broadcast_buffers.
+        ddp_class = nn.parallel.DistributedDataParallel
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(ddp_class).parameters else {"broadcast_buffers": False})
+        run.model = ddp_class(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
     if cfg.train.compile:
         # The DDP-wrapped model is compiled (not the backbone inside it), so dynamo's DDP optimizer splits
         # the graph at bucket boundaries and gradient all-reduces still overlap the backward.

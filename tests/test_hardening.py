@@ -86,3 +86,11 @@ def test_finetune_phase_plan_is_checked_before_ray(tmp_path, capsys, monkeypatch
                  "--set", "finetune.lp_steps=50"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "finetune.lp_steps" in err[0]
+
+
+@pytest.mark.parametrize("argv", [["plan", "--per-gpu-images-per-s", "nan"], ["ingest", "a", "b", "--timeout-s", "1e400"],
+                                  ["predict", "m", "x.jpg", "--min-score", "inf"]])
+def test_numeric_flags_refuse_non_finite_values(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "is not a finite number" in capsys.readouterr().err

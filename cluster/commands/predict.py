@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from data_pipeline.config import ConfigError
+from data_pipeline.config import ConfigError, finite_float
 
 from cluster.commands.finetune import resolve_model_uri, run_reporting_errors
 from cluster.commands.registry import add_trust_argument
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     parser.add_argument("--out", help="detector: write each image with its boxes drawn here (PNG)")
-    parser.add_argument("--min-score", type=float, default=0.3, help="detector: report boxes scoring at least this")
+    parser.add_argument("--min-score", type=finite_float, default=0.3, help="detector: report boxes scoring at least this")
     parser.add_argument("--registry", help="registry root for registry:// URIs")
     add_trust_argument(parser)
 

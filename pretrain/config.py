@@ -82,12 +82,12 @@ class TrainSection:
     total_samples: int = doc("samples to train on when max_steps is 0; 0 = use epochs", 0)
     precision: Literal["fp32", "bf16"] = doc("fp32, or bf16 autocast (weights stay fp32)", "fp32")
     channels_last: bool = doc("NHWC memory format for the backbone and its input", True)
-    compile: bool = doc("torch.compile the backbone", False)
+    compile: bool = doc("torch.compile the DDP-wrapped backbone (keeps DDP's bucketed all-reduce overlap)", False)
     ema: bool = doc("keep an EMA of the backbone (timm ModelEmaV3); published instead of the raw weights", False)
     ema_decay: float = doc("EMA decay per optimizer step", 0.9998)
-    grad_clip_norm: float = doc("clip the global grad norm to this; 0 = off", 0.0)
+    grad_clip_norm: float = doc("clip the global grad norm (backbone + every rank's head rows) to this; 0 = off", 0.0)
     seed: int = doc("seed for init, data order, augmentation and mixing", 0)
-    deterministic: bool = doc("torch deterministic algorithms (for exact-resume checks; slower)", False)
+    deterministic: bool = doc("torch deterministic algorithms (exact-resume checks; slower; on CUDA see docs/pretrain.md)", False)
     num_threads: int = doc("torch intra-op threads per rank; 0 = torch default", 0)
 
     def validate(self) -> None:
@@ -136,7 +136,7 @@ class ScalingSection:
     num_workers: int = doc("training processes (ranks); Ray Train workers", 1)
     use_gpu: bool = doc("one GPU per worker (NCCL) instead of CPU (gloo)", False)
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
-    cpus_per_worker: float = doc("CPUs Ray reserves per worker (loader workers + trainer)", 1.0)
+    cpus_per_worker: float = doc("CPUs Ray reserves per worker: data.num_workers loader processes + trainer + pin thread", 1.0)
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")

@@ -29,8 +29,9 @@ from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.dist import DistInfo, all_gather, all_reduce_max, all_reduce_sum, init_distributed
 from pretrain.head import sharded_topk_correct
-from pretrain.metrics import MetricsLog, StepTimer, memory_stats, plot_curves
+from pretrain.metrics import StepTimer, memory_stats
 from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
+from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
-    metrics_log = MetricsLog(cfg.checkpoint.url, enabled=dist.is_main, start_step=run.progress.step,
-                             tensorboard=cfg.log.tensorboard)
+    run_dir = RunDir(cfg.checkpoint.url, is_main=dist.is_main, start_step=run.progress.step,
+                     tensorboard=cfg.log.tensorboard)
     if run.resumed_from:  # the record that tells a restart apart from a fresh run (simulate --chaos reads it)
-        metrics_log.write(run.progress.step, {"event": "resume", "checkpoint": run.resumed_from})
+        run_dir.log(run.progress.step, {EVENT: "resume", "checkpoint": run.resumed_from})
     timer, window, last = StepTimer(), [], {}
     with Preemption() as preemption:
         while run.progress.step < run.total_steps:
@@ -55,7 +56,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 window.append(train_step(run, micro_batches))
                 step = run.progress.step
                 if step % cfg.log.every_steps == 0 or step == run.total_steps:
-                    last = log_step(run, metrics_log, timer, window)
+                    last = log_step(run, run_dir, timer, window)
                     window = []
                 stop = bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
@@ -64,11 +65,11 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                         report({**last, "step": step, "checkpoint": url})
                 if stop:
                     log.warning("stopping at step %d on request (SIGTERM); checkpoint written", step)
-                    metrics_log.close()
+                    run_dir.close()
                     return {**last, "step": step, "preempted": True}
                 if step == run.total_steps:
                     break
-    metrics_log.close()
+    run_dir.close()
     if dist.is_main:
         plot_curves(cfg.checkpoint.url)
     return {**last, "step": run.progress.step, "preempted": False}
@@ -145,22 +146,22 @@ def evaluate(run: Run) -> dict[str, float]:
             counts[5 if k == ks[1] else 1] += hits
         seen += len(targets)
     run.model.train(), run.head.train()
-    return {"eval_top1": counts[1] / max(seen, 1), "eval_top5": counts[5] / max(seen, 1), "eval_samples": seen}
+    return {EVAL_TOP1: counts[1] / max(seen, 1), EVAL_TOP5: counts[5] / max(seen, 1), "eval_samples": seen}
 
 
-def log_step(run: Run, metrics_log: MetricsLog, timer: StepTimer, losses: list[float]) -> dict[str, Any]:
+def log_step(run: Run, run_dir: RunDir, timer: StepTimer, losses: list[float]) -> dict[str, Any]:
     cfg, step = run.cfg, run.progress.step
     elapsed_s, data_s = timer.read()
     images_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed_s, 1e-9)
     values: dict[str, Any] = {
-        "loss": sum(losses) / max(len(losses), 1), "lr": run.optimizer.param_groups[0]["lr"], "epoch": run.progress.epoch,
-        "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
+        LOSS: sum(losses) / max(len(losses), 1), LR: max(g["lr"] for g in run.optimizer.param_groups),
+        "epoch": run.progress.epoch, IMAGES_PER_S: images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
         "data_wait_fraction": data_s / max(elapsed_s, 1e-9), **memory_stats(run.dist.device)}
     eval_every = cfg.log.eval_every_steps or cfg.log.every_steps
     if step % eval_every == 0 or step == run.total_steps:
         values.update(evaluate(run))
     timer.read()  # evaluation time is not training time
-    metrics_log.write(step, values)
+    run_dir.log(step, values)
     return values
 
 

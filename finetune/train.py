@@ -109,11 +109,15 @@ def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
 
 def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     """Everything a launcher should check before starting workers: the checkpoint (checksums, arch),
-    model.arch, the data and the class mapping. Raises CheckpointError / DatasetError / ConfigError."""
+    model.arch, the step checkpoint to resume from, the data and the class mapping. Raises CheckpointError / DatasetError / ConfigError."""
     cfg.check_runnable()
     config = verify_checkpoint(cfg.finetune.checkpoint_url)
     if cfg.model.arch and cfg.model.arch != config["architecture"]:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {config['architecture']!r}")
+    latest = latest_checkpoint(cfg.checkpoint.url)
+    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
+        verify_checkpoint(latest)
+        read_state(latest)
     return prepare_data(cfg, DistInfo())
 
 
@@ -353,10 +357,10 @@ def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extr
 
 def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, phase_index: int) -> None:
     if ctx.ranks.is_main:
-        state = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
-                 "best_step": progress.best_step, "bad_evals": progress.bad_evals,
-                 "optimizer": optimizer.state_dict()}
-        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress, write_train_state=state_writer(state))
+        counters = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
+                    "best_step": progress.best_step, "bad_evals": progress.bad_evals}
+        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress,
+              write_train_state=state_writer(counters, optimizer.state_dict()))
         ctx.run.prune(ctx.cfg.checkpoint.keep)
     barrier(ctx.ranks)
 

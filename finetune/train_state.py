@@ -1,34 +1,62 @@
 """Fine-tuning's train state in a step checkpoint: step, phase, best-so-far and the optimizer state.
 
-Written as RUN/step-N/train_state/state.pt by `save_checkpoint`'s write_train_state callback and
-loaded with weights_only (tensors, numbers and strings only).
+Written into RUN/step-N/train_state/ by `save_checkpoint`'s write_train_state callback: the
+optimizer's tensors through DCP, its param groups and the counters as JSON (contract 2), so
+resuming never unpickles anything.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
-import fsspec
 import torch
 
 from data_pipeline.dataset import join
-from pretrain.checkpoint import TRAIN_STATE_DIR
-
-STATE_FILE = "state.pt"
+from pretrain.checkpoint import (STATE_JSON_FILE, TRAIN_STATE_DIR, CheckpointError, load_state, save_state)
 
 
-def state_writer(state: dict) -> Callable[[str], None]:
-    """A `write_train_state` callback for save_checkpoint: torch.save of plain tensors and numbers."""
+def state_writer(counters: dict, optimizer_state: dict) -> Callable[[str], None]:
+    """A `write_train_state` callback for save_checkpoint: the optimizer's tensors through DCP, its
+    param groups and the counters as JSON (contract 2), so resuming never unpickles anything."""
+    tensors, scalars = {}, {}
+    for index, slots in optimizer_state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    info = {**counters, "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars}}
+
     def write(staging_dir: str) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        with fsspec.open(join(staging_dir, STATE_FILE), "wb") as f:
-            f.write(buf.getvalue())
+        save_state(staging_dir, tensors, info)
     return write
 
 
 def read_state(ckpt_url: str) -> dict:
-    """The train state of a step checkpoint (weights_only: nothing but tensors, numbers, strings)."""
-    with fsspec.open(join(ckpt_url, TRAIN_STATE_DIR, STATE_FILE), "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
+    """The train state of a step checkpoint: counters, and "optimizer" as an optimizer state_dict."""
+    url = join(ckpt_url, TRAIN_STATE_DIR)
+    tensors, info = load_state(url)
+    try:
+        optimizer = info.pop("optimizer")
+        state: dict[int, dict] = {}
+        for index, slots in optimizer["scalars"].items():
+            state.setdefault(int(index), {}).update(slots)
+        for key, value in tensors.items():
+            prefix, index, slot = key.split("/", 2)
+            if prefix != "optim":
+                raise ValueError(f"unexpected entry {key!r}")
+            state.setdefault(int(index), {})[slot] = value
+        info["step"] = int(info["step"])
+        for key in ("phase", "best_step", "bad_evals"):  # classification and detection counters
+            if key in info:
+                info[key] = int(info[key])
+        for key in ("best_top1", "best_map"):
+            if key in info:
+                info[key] = float(info[key])
+        # JSON has no tuples: hyper-parameters such as betas were tuples; "params" is a list of ids.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+                  for group in optimizer["param_groups"]]
+        info["optimizer"] = {"state": state, "param_groups": groups}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{join(url, STATE_JSON_FILE)}: not a finetune train state ({exc!r})") from None
+    return info

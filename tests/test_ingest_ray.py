@@ -56,7 +56,9 @@ def slow_source(tmp_path_factory, http_server):
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The dataset's files; report/ (written by the runner after the dataset) names its location, so it differs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "report"}
 
 
 def assert_identical(a: Path, b: Path) -> None:
@@ -101,6 +103,7 @@ def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_so
     assert killed, "no shard task was running to kill"
     assert manifest["totals"]["train"]["rows"] == NUM_ROWS and manifest["totals"]["train"]["ok"] == NUM_ROWS - 1
     assert_identical(reference, tmp_path / "out")
+    assert "http_404" in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -122,6 +125,7 @@ def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path):
     rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "split" in rerun.stdout and f"{NUM_ROWS} rows" in rerun.stdout
+    assert f"report: {out}/report/index.html" in rerun.stdout and (out / "report" / "report.json").exists()
     assert_identical(reference, out)
     verify = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@
     megaclass finetune --checkpoint registry://backbone@production --train flowers/ --val flowers_val/ \
         --out runs/flowers --set finetune.mode=lp-ft --set train.epochs=20
     megaclass finetune --checkpoint runs/pre/final --train ds/ --out runs/ft --no-ray   (this process)
+    megaclass finetune --task detection --checkpoint runs/pre/final --train train.json --val val.json --out runs/det
 
 Options: defaults < --config FILE.yaml < the flags < --set section.field=value. The checkpoint may be
 a registry URI, resolved here to a verified local folder; an image-folder DATA is ingested here
@@ -21,7 +22,7 @@ from data_pipeline.config import ConfigError, from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
 NAME = "finetune"
-HELP = "fine-tune a checkpoint on a small labelled dataset (full, linear probe, or lp-ft)"
+HELP = "fine-tune a checkpoint on a small labelled dataset (full, linear probe, or lp-ft), or train a detector"
 log = logging.getLogger(__name__)
 
 
@@ -57,11 +58,16 @@ FLAGS = {"checkpoint": "finetune.checkpoint_url", "train": "data.url", "val": "d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=("classification", "detection"), default="classification",
+                        help="detection: COCO JSON data, a Faster R-CNN FPN / RetinaNet / FCOS (model.detector)")
     parser.add_argument("--checkpoint", help="source checkpoint dir (any fsspec URL) or registry://NAME@ALIAS")
-    parser.add_argument("--train", help="train data: dataset URL or image folder ROOT/<class>/<image>")
+    parser.add_argument("--train", help="train data: dataset URL or image folder ROOT/<class>/<image> "
+                                        "(detection: a COCO instances JSON or a detection dataset)")
     parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
     parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
+    parser.add_argument("--scratch", action="store_true",
+                        help="detection: the same detector from random weights (finetune.scratch), a baseline")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray for the command)")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (single rank, or torchrun)")
@@ -77,7 +83,11 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.list_options:
         from finetune.config import FinetuneConfig
-        return print_options(FinetuneConfig)
+        from finetune.detection.config import DetectionConfig
+        return print_options(DetectionConfig if args.task == "detection" else FinetuneConfig)
+    if args.task == "detection":
+        from cluster.commands.detection import run_finetune
+        return run_reporting_errors(NAME, lambda: run_finetune(args, resolve_model_uri))
     return run_reporting_errors(NAME, lambda: _run(args))
 
 
@@ -85,7 +95,13 @@ def _run(args: argparse.Namespace) -> int:
     from finetune.data import resolve_dataset
     from finetune.train import check_inputs, finetune
 
+    from cluster.commands.detection import reject_detection_data
+
+    if args.scratch:
+        raise ConfigError("--scratch: only with --task detection")
     cfg = build_config(args)
+    reject_detection_data(cfg.data.url, "--train")
+    reject_detection_data(cfg.data.val_url, "--val")
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
     resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),

@@ -117,8 +117,11 @@ def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     latest = latest_checkpoint(cfg.checkpoint.url)
     if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
         verify_checkpoint(latest)
-        read_state(latest)
+        read_state(latest, STATE_COUNTERS)
     return prepare_data(cfg, DistInfo())
+
+
+STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json
 
 
 @dataclass
@@ -245,7 +248,7 @@ def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
     latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))

@@ -62,6 +62,9 @@ class _Run:
     total_steps: int
 
 
+STATE_COUNTERS = ("step", "best_map", "best_step", "bad_evals")  # train_state/state.json
+
+
 def check_source(cfg: DetectionConfig, source: LoadedCheckpoint) -> None:
     if source.task != "classification":
         raise CheckpointError(f"{source.url}: a {source.task} checkpoint; detection fine-tuning starts from a "
@@ -74,6 +77,10 @@ def check_detection_inputs(cfg: DetectionConfig) -> DetectionData:
     """What a launcher checks before starting workers: checkpoint, arch, data (ingesting COCO JSON once)."""
     cfg.check_runnable()
     check_source(cfg, load_checkpoint(cfg.finetune.checkpoint_url))
+    latest = latest_checkpoint(cfg.checkpoint.url)
+    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
+        load_checkpoint(latest)
+        read_state(latest, STATE_COUNTERS)
     return prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
                                   cache_url=cfg.data.cache_url)
 
@@ -231,7 +238,7 @@ def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
     latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_map"]), int(state["best_step"]), int(state["bad_evals"]))

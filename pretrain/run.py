@@ -33,13 +33,13 @@ from data_pipeline.reader import Loader, create_loader, dataset_info
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
-from pretrain.dist import DistInfo, barrier, sync_buffers
+from pretrain.dist import DistInfo, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
+from pretrain.rundir import CONFIG_FILE, FINAL_DIR
 from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
 
 log = logging.getLogger(__name__)
-FINAL_DIR = "final"
 CROP_PCT = 0.875
 
 
@@ -256,9 +256,20 @@ def _resume(run: Run) -> bool:
     """Load the newest run checkpoint (if any); True when the RNG state was restored too."""
     cfg, dist = run.cfg, run.dist
     rng_restored = False
-    latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
+    # Rank 0 picks and verifies the checkpoint once (reading every file) and tells the others: every
+    # rank resumes from the same one, and a damaged one fails on every rank with the same error.
+    latest, error = None, None
+    if dist.is_main and cfg.checkpoint.resume:
+        latest = ckpt.latest_checkpoint(cfg.checkpoint.url)
+        try:
+            if latest is not None:
+                ckpt.verify_checkpoint(latest)
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    latest, error = broadcast_object((latest, error), dist)
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     if latest is not None:
-        ckpt.verify_checkpoint(latest)
         saved = load_train_state(posixpath.join(latest, ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
                                  optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
@@ -267,7 +278,7 @@ def _resume(run: Run) -> bool:
         log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
                  saved.world_size, dist.world_size)
     if dist.is_main:
-        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), "config.yaml"), to_yaml(cfg).encode())
+        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), CONFIG_FILE), to_yaml(cfg).encode())
         if cfg.log.sample_keys:
             _truncate_keys(run)
     barrier(dist)
@@ -303,8 +314,9 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
     if dist.is_main:
         ckpt.begin_checkpoint(step_url)
     barrier(dist)
-    save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
-                     head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress, dist=dist)
+    state_sums = save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR),
+                                  backbone=run.backbone, head=run.head, optimizer=run.optimizer, ema=run.ema,
+                                  progress=run.progress, dist=dist)
     head_state = run.head.full_state(dst=0)  # only rank 0 writes the model
     if dist.is_main:
         kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
@@ -315,7 +327,7 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
                       megaclass={"step": step, "epoch": run.progress.epoch, "dataset_url": cfg.data.url,
                                  "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
                                  "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics})
-        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), **kwargs)
+        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), known_sums=state_sums, **kwargs)
         ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
         if final:
             ckpt.save_checkpoint(posixpath.join(run_url, FINAL_DIR), **kwargs)

@@ -13,24 +13,25 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.config import doc, require
+from data_pipeline.transforms import Augmentation
 
 MODES = ("full", "linear", "lp-ft")
 
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Augmentation):
+    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint)."""
     url: str = doc("downstream train data: a dataset URL (megaclass ingest) or an image folder ROOT/<class>/<image>", "")
     val_url: str = doc("validation data, same forms; empty = the 'val' split of data.url", "")
     train_split: str = doc("split of data.url to train on", "train")
     cache_url: str = doc("where image folders are ingested on the fly; empty = $MEGACLASS_CACHE or ~/.cache/megaclass", "")
     image_size: int = doc("train/eval crop size in px; 0 = the checkpoint's pretrained_cfg input_size", 0)
-    crop_scale_min: float = doc("smallest RandomResizedCrop area fraction (0..1)", 0.35)
     num_workers: int = doc("loader worker processes per rank", 2)
     shuffle_buffer: int = doc("samples in the loader's shuffle buffer", 1000)
 
     def validate(self) -> None:
         require(self.image_size >= 0, "data.image_size", "must be >= 0 (0 = from the checkpoint)")
-        require(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
+        super().validate()
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
@@ -52,16 +53,19 @@ class OptimSection:
     lr: float = doc("peak learning rate of the full fine-tune (per global batch)", 1e-3)
     weight_decay: float = doc("decoupled weight decay (not applied to biases and norms)", 0.05)
     momentum: float = doc("momentum for sgd-like optimizers", 0.9)
-    layer_decay: float = doc("layer-wise lr decay factor per block from the head (0..1]; 1 = off", 0.75)
-    warmup_steps: int = doc("linear warmup steps from warmup_lr to lr", 20)
+    layer_decay: float = doc("layer-wise lr decay factor per block from the head (0..1]; 1 = off; -1 = auto: "
+                             "off below 2,000 training images, 0.75 above", -1.0)
+    warmup_steps: int = doc("linear warmup steps from warmup_lr to lr; -1 = auto: 5% of the steps below 2,000 "
+                            "training images, 20 above (at most a tenth of the run)", -1)
     warmup_lr: float = doc("learning rate at step 0 of warmup", 1e-6)
     min_lr: float = doc("learning rate at the end of the cosine schedule", 1e-6)
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", "must be > 0")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        require(0.0 < self.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1]; 1 turns it off")
-        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.layer_decay == -1 or 0.0 < self.layer_decay <= 1.0, "optim.layer_decay",
+                "must be in (0, 1] (1 turns it off) or -1 (auto)")
+        require(self.warmup_steps >= -1, "optim.warmup_steps", "must be >= 0, or -1 (auto)")
         require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
 
 
@@ -69,11 +73,15 @@ class OptimSection:
 class TrainSection:
     epochs: int = doc("passes over the train split (used when max_steps is 0)", 10)
     max_steps: int = doc("optimizer steps in total (all phases); 0 = epochs x steps per epoch", 0)
-    global_batch_size: int = doc("images per optimizer step over all ranks", 64)
+    global_batch_size: int = doc("images per optimizer step over all ranks; lowered (with a notice) to the "
+                                 "number of training images when larger", 64)
     precision: Literal["fp32", "bf16"] = doc("fp32, or bf16 autocast", "fp32")
     channels_last: bool = doc("NHWC memory format (faster convolutions on CPU and GPU)", True)
     seed: int = doc("seed of the head init, the data order and augmentation", 0)
-    eval_every_steps: int = doc("validate every N steps; 0 = at the end of every epoch", 0)
+    eval_every_steps: int = doc("validate every N steps (and at the end of each phase); 0 = auto, bounded by "
+                                "train.max_evals and train.eval_budget", 0)
+    max_evals: int = doc("auto cadence: validations per phase at most", 10)
+    eval_budget: float = doc("auto cadence: validation may cost at most this fraction of the training compute", 0.25)
     patience: int = doc("stop after this many validations without a better val top-1; 0 = never", 5)
     grad_clip_norm: float = doc("clip the global grad norm to this; 0 = off (as pretrain's train.grad_clip_norm)", 0.0)
     num_threads: int = doc("torch intra-op threads per rank; 0 = torch default (1 avoids oversubscription "
@@ -84,6 +92,8 @@ class TrainSection:
         require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = from epochs)")
         require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
         require(self.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
+        require(self.max_evals >= 1, "train.max_evals", "must be >= 1")
+        require(self.eval_budget > 0, "train.eval_budget", "must be > 0")
         require(self.patience >= 0, "train.patience", "must be >= 0")
         require(self.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
         require(self.num_threads >= 0, "train.num_threads", "must be >= 0")
@@ -142,6 +152,8 @@ class FinetuneSection:
     source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
                           "set by the CLI", "")
     mode: Literal["full", "linear", "lp-ft"] = doc("full fine-tune | linear probe (frozen backbone) | linear probe then full", "full")
+    scratch: bool = doc("random init of the checkpoint's architecture (same preprocessing, data and budget): "
+                        "the baseline that shows what pretraining is worth (--scratch)", False)
     lp_steps: int = doc("lp-ft: linear-probe steps before the full fine-tune; 0 = lp_epochs", 0)
     lp_epochs: int = doc("lp-ft: linear-probe epochs when lp_steps is 0", 1)
     lp_lr: float = doc("learning rate of the linear probe (mode linear and phase 1 of lp-ft); 0 = optim.lr x 10", 0.0)

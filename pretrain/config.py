@@ -16,22 +16,23 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from data_pipeline.config import ConfigError, doc, load_config, require
+from data_pipeline.transforms import Augmentation
 
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Augmentation):
+    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint)."""
     url: str = doc("dataset URL written by `megaclass ingest` (contract 1, any fsspec URL)", "")
     train_split: str = doc("split to train on", "train")
     eval_split: str = doc("held-out split for top-1 logging (ingest's val_split); '' or absent = no held-out evaluation", "val")
     image_size: int = doc("training crop side, px", 224)
-    crop_scale_min: float = doc("RandomResizedCrop lower area fraction (upper is 1.0)", 0.08)
     num_workers: int = doc("loader worker processes per rank", 4)
     shuffle_buffer: int = doc("samples in each loader worker's shuffle buffer", 1000)
     samples_per_epoch: int = doc("global samples per epoch; 0 = every sample of the train split", 0)
 
     def validate(self) -> None:
         require(self.image_size >= 16, "data.image_size", f"must be >= 16 px, got {self.image_size}")
-        require(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]")
+        super().validate()
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         require(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")

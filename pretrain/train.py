@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import logging
 import math
+import random
 import sys
 from typing import Any, Callable, Sequence
 
@@ -85,6 +86,9 @@ def train_step(run: Run, micro_batches: list) -> float:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch.labels.to(dist.device)
         labels_b, lam = None, 1.0
+        if run.erasing is not None:  # seeded like mixup: resumable
+            random.seed(f"{cfg.train.seed}:{run.progress.step}:{dist.rank}:{index}:erase")
+            images = run.erasing(images)
         if run.mixup is not None:  # seeded per (seed, step, rank, micro-batch): resumable and rank-independent
             np.random.seed([cfg.train.seed, run.progress.step, dist.rank, index])
             lam = run.mixup._mix_batch(images)  # timm's in-place batch mix; targets become label pairs

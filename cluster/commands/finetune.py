@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
     parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
+    parser.add_argument("--scratch", action="store_true", default=None,
+                        help="random init of the checkpoint's architecture, same everything else (finetune.scratch)")
     parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
@@ -70,7 +72,7 @@ def build_config(args: argparse.Namespace):
     flags: dict = {}
     for value, section, key in ((args.checkpoint, "finetune", "checkpoint_url"), (args.train, "data", "url"),
                                 (args.val, "data", "val_url"), (args.out, "checkpoint", "url"),
-                                (args.mode, "finetune", "mode")):
+                                (args.mode, "finetune", "mode"), (args.scratch, "finetune", "scratch")):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     data = read_yaml(args.config) if args.config else {}
@@ -103,7 +105,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_ray:
         summary = finetune(cfg)
     else:
-        check_inputs(cfg)  # bad input fails here in one line, not as a Ray worker traceback
+        # bad input fails here in one line, not as a Ray worker traceback; a batch larger than the data
+        # becomes the data here, with one notice, so that every worker gets the same fitted config
+        cfg, _ = check_inputs(cfg)
         from cluster.runtime import ray_session, run_torch_trainer
 
         with ray_session(args.ray_address):

@@ -12,7 +12,11 @@ export MALLOC_MMAP_THRESHOLD_ := 67108864
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test bench clean
+# The report test drives a real browser: Chromium and its driver from the OS packages.
+BROWSER_PKGS := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +30,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/megaclass simulate --workdir demo
 
-test: install
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(BROWSER_PKGS); }
+
+test: install browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

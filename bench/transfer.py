@@ -174,7 +174,7 @@ def print_table(results: dict, args, timings: dict) -> None:
     for label, row in results.items():
         print(f"| {label} | " + " | ".join(f"{100 * row[a]['test_top1']:.1f}" for a in augs) + " |")
     gains = [results["fine-tuned"][a]["test_top1"] - results["scratch"][a]["test_top1"] for a in augs]
-    print(f"\nfine-tuned minus scratch: " + ", ".join(f"{a} {100 * g:+.1f}" for a, g in zip(augs, gains)) + " points")
+    print("\nfine-tuned minus scratch: " + ", ".join(f"{a} {100 * g:+.1f}" for a, g in zip(augs, gains)) + " points")
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

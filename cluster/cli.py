@@ -19,7 +19,7 @@ from data_pipeline.config import ConfigError
 # Subcommand modules, in the order `megaclass --help` lists them.
 COMMAND_MODULES = (
     "ingest", "pretrain", "finetune", "evaluate", "predict", "export",
-    "registry", "submit", "jobs", "cluster_render", "simulate", "plan",
+    "registry", "submit", "jobs", "cluster_render", "simulate", "plan", "report",
 )
 
 

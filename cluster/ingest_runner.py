@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cluster.runtime import ray_session
 from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize, plan_shards,
                                   summary_table, write_shard)
+from data_pipeline.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -90,4 +91,8 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     elapsed = time.monotonic() - start
     print(summary_table(manifest["totals"]))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
+    try:
+        print(f"report: {write_report(out_url)}")
+    except (OSError, ValueError) as exc:  # the dataset is complete; a failed page must not fail the ingest
+        log.warning("dataset report not written: %s", exc)
     return manifest

@@ -87,7 +87,7 @@ def create_client(address: str | None):
 
 def validate_run_name(run: str) -> str:
     """The run name becomes a folder name and part of the submission id: no separators, no '..'."""
-    if not RUN_NAME_RE.match(run) or ".." in run:
+    if not RUN_NAME_RE.fullmatch(run) or ".." in run:
         raise ConfigError(f"--name: {run!r} is not a valid run name (letters, digits, '.', '_', '-'; "
                           f"starts with a letter or digit; at most 64 characters)")
     return run

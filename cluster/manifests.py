@@ -264,8 +264,8 @@ def write_manifests(out_dir: str, config_path: str, opts: RenderOptions) -> dict
         f"# Launcher path for run {opts.name}: start the cluster, forward the dashboard, submit the run.",
         "# Resubmitting the same --name resumes from the run's checkpoints. Tear down: ray down -y cluster.yaml",
         "set -e",
-        f'ray up -y "$(dirname "$0")/cluster.yaml"',
-        f'ray dashboard "$(dirname "$0")/cluster.yaml" &',
+        'ray up -y "$(dirname "$0")/cluster.yaml"',
+        'ray dashboard "$(dirname "$0")/cluster.yaml" &',
         "sleep 5",
         "megaclass submit --address http://127.0.0.1:8265 --name " + shlex.quote(opts.name) + " --follow -- "
         + pretrain_command(str(config_path), pretrain_overrides(cfg, opts)).removeprefix("megaclass "),

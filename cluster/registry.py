@@ -56,7 +56,7 @@ TRAIN_STATE_DIR = "train_state"
 REQUIRED_FILES = ("config.json", "model.safetensors", "classes.parquet")
 LATEST = "latest"
 ALIAS_LOCK_STALE_S = 30.0
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` accepts a trailing newline
 
 
 class RegistryError(ValueError):
@@ -77,7 +77,7 @@ def default_cache_dir() -> str:
 
 def validate_name(value: str, field: str) -> str:
     """A model name or alias: no separators, no '..', so it can never leave its folder."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         raise RegistryError(f"{field}: {value!r} is not a valid name (letters, digits, '.', '_', '-'; "
                             f"starts with a letter or digit; at most 128 characters; no '..')")
     return value
@@ -174,7 +174,7 @@ class Registry:
         if not self.fs.exists(self.root):
             return []
         found = (posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False))
-        return sorted(n for n in found if NAME_RE.match(n) and self.fs.exists(self._path(n, VERSIONS_DIR)))
+        return sorted(n for n in found if NAME_RE.fullmatch(n) and self.fs.exists(self._path(n, VERSIONS_DIR)))
 
     def versions(self, name: str) -> list[int]:
         """Complete versions (those with version.json), ascending."""

@@ -145,7 +145,7 @@ class Simulation:
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
             if killer is not None:
-                killer.start()
+                killer.start(proc.pid)
             try:
                 code = proc.wait(timeout=self.cfg.stage_timeout_s)
             except subprocess.TimeoutExpired:

@@ -85,6 +85,7 @@ class FileLock:
                 return self
             self._break_if_stale()
             if time.monotonic() > deadline:
+                from cluster.registry import RegistryError  # here: cluster.registry imports this module
                 raise RegistryError(f"{self.path}: lock held for over {self.timeout_s:.0f} s")
             time.sleep(0.01 + 0.02 * (uuid.uuid4().int % 100) / 100)
 

@@ -12,6 +12,7 @@ that every stage can use it without importing another stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -94,20 +95,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             try:
                 return int(float(value)) if value.strip().lower().count("e") else int(value)
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: "1e400" is inf, not an integer
                 pass
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        # inf/nan (also "1e400", which overflows to inf) would pass every `>= 0` check and poison the run.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

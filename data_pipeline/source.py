@@ -107,7 +107,7 @@ def _check_keys(keys: pa.Array, url: str) -> None:
         raise SourceError(f"source {url}: column 'key' has {keys.null_count} empty value(s)")
     if pc.count_distinct(keys).as_py() != len(keys):
         raise SourceError(f"source {url}: column 'key' has duplicate values (keys must be unique)")
-    bad = [k for k in keys.to_pylist() if not SAFE_KEY.match(k)]
+    bad = [k for k in keys.to_pylist() if not SAFE_KEY.fullmatch(k)]
     if bad:
         raise SourceError(f"source {url}: key {bad[0]!r} may only use letters, digits, '_' and '-'")
 

@@ -61,6 +61,9 @@ class OptimSection:
     min_lr: float = doc("learning rate at the end of the cosine schedule", 1e-6)
 
     def validate(self) -> None:
+        from timm.optim import list_optimizers  # the names create_optimizer_v2 accepts
+        require(self.name.lower().removeprefix("lookahead_") in list_optimizers(), "optim.name",
+                f"{self.name!r} is not a timm optimizer (e.g. adamw, sgd, lamb)")
         require(self.lr > 0, "optim.lr", "must be > 0")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         require(self.layer_decay == -1 or 0.0 < self.layer_decay <= 1.0, "optim.layer_decay",

@@ -3,7 +3,7 @@
     RUN/config.yaml      the resolved FinetuneConfig
     RUN/metrics.jsonl    one JSON record per log/eval event
     RUN/tensorboard/     event files (local run dirs)
-    RUN/step-NNNNNNNN/   resumable run checkpoints (contract 2 + train_state/state.pt)
+    RUN/step-NNNNNNNN/   resumable run checkpoints (contract 2 + train_state/: DCP tensors + state.json)
     RUN/best/            the best model so far by val top-1 (contract 2)
     RUN/final/           the selected (best) model: what to publish, evaluate, export
 
@@ -13,7 +13,6 @@ because fsspec object stores cannot append.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -24,10 +23,10 @@ import torch
 
 from data_pipeline.config import to_yaml
 from data_pipeline.dataset import atomic_write_bytes, exists, join
-from pretrain.checkpoint import TRAIN_STATE_DIR, prune_checkpoints
+from pretrain.checkpoint import (STATE_JSON_FILE, TRAIN_STATE_DIR, CheckpointError, load_state, prune_checkpoints,
+                                 save_state)
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
 
 
 class RunDir:
@@ -82,17 +81,44 @@ class RunDir:
             self.writer.close()
 
 
-def state_writer(state: dict) -> Callable[[str], None]:
-    """A `write_train_state` callback for save_checkpoint: torch.save of plain tensors and numbers."""
+def state_writer(counters: dict, optimizer_state: dict) -> Callable[[str], None]:
+    """A `write_train_state` callback for save_checkpoint: the optimizer's tensors through DCP, its
+    param groups and the counters as JSON (contract 2), so resuming never unpickles anything."""
+    tensors, scalars = {}, {}
+    for index, slots in optimizer_state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    info = {**counters, "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars}}
+
     def write(staging_dir: str) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        with fsspec.open(join(staging_dir, STATE_FILE), "wb") as f:
-            f.write(buf.getvalue())
+        save_state(staging_dir, tensors, info)
     return write
 
 
 def read_state(ckpt_url: str) -> dict:
-    """The train state of a step checkpoint (weights_only: nothing but tensors, numbers, strings)."""
-    with fsspec.open(join(ckpt_url, TRAIN_STATE_DIR, STATE_FILE), "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
+    """The train state of a step checkpoint: counters, and "optimizer" as an optimizer state_dict."""
+    url = join(ckpt_url, TRAIN_STATE_DIR)
+    tensors, info = load_state(url)
+    try:
+        optimizer = info.pop("optimizer")
+        state: dict[int, dict] = {}
+        for index, slots in optimizer["scalars"].items():
+            state.setdefault(int(index), {}).update(slots)
+        for key, value in tensors.items():
+            prefix, index, slot = key.split("/", 2)
+            if prefix != "optim":
+                raise ValueError(f"unexpected entry {key!r}")
+            state.setdefault(int(index), {})[slot] = value
+        for key in ("step", "phase", "best_step", "bad_evals"):
+            info[key] = int(info[key])
+        info["best_top1"] = float(info["best_top1"])
+        # JSON has no tuples: hyper-parameters such as betas were tuples; "params" is a list of ids.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+                  for group in optimizer["param_groups"]]
+        info["optimizer"] = {"state": state, "param_groups": groups}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{join(url, STATE_JSON_FILE)}: not a finetune train state ({exc!r})") from None
+    return info

@@ -29,9 +29,9 @@ from data_pipeline.reader import create_loader
 from data_pipeline.transforms import create_random_erasing, normalize
 from finetune.config import FinetuneConfig
 from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
-from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers, plan_phases, resolve_optim
 from finetune.evaluate import preprocessing, run_eval
-from finetune.model import create_finetune_model, head_parameters, set_backbone_frozen, set_train_mode
+from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
+from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers, plan_phases, resolve_optim
 from finetune.rundir import RunDir, read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
@@ -86,12 +86,17 @@ def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
 
 def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
     """Everything a launcher should check before starting workers: the checkpoint (checksums, arch),
-    model.arch, the data and the class mapping. Raises CheckpointError / DatasetError / ConfigError.
-    Returns `cfg` fitted to the data (a batch larger than the data becomes the data, with a notice)."""
+    model.arch, the step checkpoint to resume from, the data and the class mapping. Raises CheckpointError /
+    DatasetError / ConfigError. Returns `cfg` fitted to the data (a batch larger than the data becomes the
+    data, with a notice)."""
     cfg.check_runnable()
     config = verify_checkpoint(cfg.finetune.checkpoint_url)
     if cfg.model.arch and cfg.model.arch != config["architecture"]:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {config['architecture']!r}")
+    latest = latest_checkpoint(cfg.checkpoint.url)
+    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
+        verify_checkpoint(latest)
+        read_state(latest)
     data = prepare_data(cfg, DistInfo())
     return fit_to_data(cfg, data, cfg.scaling.num_workers), data
 
@@ -361,10 +366,10 @@ def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extr
 
 def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, phase_index: int) -> None:
     if ctx.ranks.is_main:
-        state = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
-                 "best_step": progress.best_step, "bad_evals": progress.bad_evals,
-                 "optimizer": optimizer.state_dict()}
-        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress, write_train_state=state_writer(state))
+        counters = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
+                    "best_step": progress.best_step, "bad_evals": progress.bad_evals}
+        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress,
+              write_train_state=state_writer(counters, optimizer.state_dict()))
         ctx.run.prune(ctx.cfg.checkpoint.keep)
     barrier(ctx.ranks)
 

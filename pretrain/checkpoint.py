@@ -3,7 +3,8 @@
     CKPT/config.json        timm hub schema (written by timm's save_config_for_hf) + "megaclass" block
     CKPT/model.safetensors  the whole model in timm's state-dict naming (sharded head gathered)
     CKPT/classes.parquet    the label vocabulary: id:int32, name:string
-    CKPT/train_state/       run checkpoints only: torch.distributed.checkpoint files (pretrain.train_state)
+    CKPT/train_state/       run checkpoints only: torch.distributed.checkpoint (DCP) files holding tensors
+                            only, plus state.json for counters (pretrain.train_state, finetune.rundir)
     CKPT/SHA256SUMS         "sha256  relative/path" for every other file; written last
 
 `timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.
@@ -14,6 +15,11 @@ rename: there the files are written in place and SHA256SUMS is written last as t
 marker; a dir without it is incomplete, ignored by `list_checkpoints` and refused by `verify`.
 Loading verifies every file against SHA256SUMS and refuses missing, truncated, altered or foreign
 (unlisted) files with a CheckpointError naming the file. Weights are read with safetensors only.
+SHA256SUMS proves integrity, not authorship (whoever can write the folder can write the sums), so
+train_state/ is read as if a stranger wrote it: DCP's index (.metadata, a pickle) goes through an
+exact allowlist of DCP's own plain classes, every entry must be a tensor (a "bytes" entry would be
+unpickled by DCP with weights_only=False, so it is refused), tensors load with weights_only=True,
+and data file names must be DCP's own, in the folder.
 
     url = save_checkpoint(run + "/final", state_dict=sd, arch="resnet50d", num_classes=C, ...)
     ckpt = load_checkpoint(url); model = create_model_from_checkpoint(ckpt)
@@ -25,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import posixpath
 import re
 import shutil
@@ -41,7 +48,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from timm.models._hub import save_config_for_hf  # timm exports it only from the private module
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -52,6 +62,9 @@ TRAIN_STATE_DIR = "train_state"
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)
 CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string())])
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+STATE_JSON_FILE = "state.json"  # train_state/ counters that are not tensors
+DCP_METADATA_FILE = ".metadata"
+DCP_DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
 
 
 class CheckpointError(ValueError):
@@ -333,7 +346,7 @@ def list_checkpoints(run_url: str) -> list[str]:
     found = []
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
-        match = STEP_DIR_RE.match(name)
+        match = STEP_DIR_RE.fullmatch(name)
         if match and fs.exists(_join(entry, SUMS_FILE)):
             found.append((int(match.group(1)), _join(run_url, name)))
     return [url for _, url in sorted(found)]
@@ -352,3 +365,88 @@ def prune_checkpoints(run_url: str, keep: int) -> list[str]:
         fs.rm(_join(path, SUMS_FILE))  # first, so a half-deleted dir never looks complete
         fs.rm(path, recursive=True)
     return doomed
+
+
+# -- train_state/: DCP tensors + state.json, read as untrusted input ------------------------------
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# Exactly the globals DCP's own index pickles (torch 2.4-2.14); anything else is refused by name.
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                *((_DCP_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                                     "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+                                                     "_MEM_FORMAT_ENCODING"))}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        # Exact pairs only: pickle resolves dotted names, so a module prefix would admit e.g. "os.system".
+        if (module, name) in _DCP_GLOBALS or (module == "torch" and "." not in name
+                                              and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a DCP index never holds")
+
+
+def _check_dcp_metadata(metadata: Any, where: str) -> Metadata:
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{where}: not a DCP index ({type(metadata).__name__})")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):  # BytesStorageMetadata: DCP would unpickle it freely
+            raise CheckpointError(f"{where}: entry {key!r} is {type(entry).__name__}, not a tensor")
+    for info in (metadata.storage_data or {}).values():
+        if not isinstance(getattr(info, "relative_path", None), str) \
+                or not DCP_DATA_FILE_RE.fullmatch(info.relative_path) or getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{where}: data file {getattr(info, 'relative_path', None)!r} is not a plain "
+                                  "DCP file of this folder")
+    return metadata
+
+
+class SafeDCPReader(FsspecReader):
+    """A DCP storage reader for train_state/ dirs that someone else may have written (see the module doc)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        where = str(path)
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}: missing") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: refused ({exc})") from None
+        metadata = _check_dcp_metadata(metadata, where)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_state_metadata(url: str) -> Metadata:
+    """The checked DCP index of a train_state/ dir: raises CheckpointError naming the file. Call it
+    before dcp.load, which would wrap the error in its own exception type."""
+    return SafeDCPReader(url).read_metadata()
+
+
+def save_state(url: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """One process writes a train_state/ dir: `tensors` through DCP, `info` (JSON types) as state.json."""
+    dcp.save({k: v.detach().cpu() for k, v in tensors.items()}, storage_writer=FsspecWriter(url), no_dist=True)
+    fs, path = _fs(url)
+    _write(fs, _join(path, STATE_JSON_FILE), (json.dumps(info, indent=1, allow_nan=False) + "\n").encode())
+
+
+def load_state(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, info) written by save_state; nothing is unpickled but the checked DCP index."""
+    fs, path = _fs(url)
+    where = _join(url, STATE_JSON_FILE)
+    try:
+        info = json.loads(fs.cat_file(_join(path, STATE_JSON_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in read_state_metadata(url).state_dict_metadata.items()}
+    dcp.load(tensors, storage_reader=SafeDCPReader(url), no_dist=True)
+    return tensors, info

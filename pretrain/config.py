@@ -48,6 +48,8 @@ class ModelSection:
 
     def validate(self) -> None:
         require(bool(self.arch), "model.arch", "must name a timm model or a preset")
+        from pretrain.models import resolve_arch  # imports timm: only when a config is validated
+        resolve_arch(self.arch)  # a typo fails here, not inside the Ray workers
         require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
         require(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
         require(0.0 < self.head_sample_ratio <= 1.0, "model.head_sample_ratio", "must be in (0, 1]")

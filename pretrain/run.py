@@ -34,7 +34,7 @@ from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, barrier
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
-from pretrain.train_state import Progress, load_train_state, save_train_state
+from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
 
 log = logging.getLogger(__name__)
 FINAL_DIR = "final"
@@ -132,6 +132,16 @@ def check_data(cfg: PretrainConfig) -> dict[str, Any]:
         log.warning("data.eval_split: split %r not in %s (has %s); held-out evaluation is off",
                     cfg.data.eval_split, cfg.data.url, sorted(info["splits"]))
     return info
+
+
+def check_resume(cfg: PretrainConfig) -> str | None:
+    """The run checkpoint a run will resume from, verified and its train_state index checked (so a
+    damaged or hostile one is refused here, naming the file, not inside the workers); None if none."""
+    latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
+    if latest is not None:
+        ckpt.verify_checkpoint(latest)
+        read_progress(posixpath.join(latest, ckpt.TRAIN_STATE_DIR))
+    return latest
 
 
 def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:

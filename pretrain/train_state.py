@@ -1,7 +1,8 @@
 """A run checkpoint's train_state/: everything needed to continue a run, via torch.distributed.checkpoint.
 
-What is saved (tensors only, so loading never unpickles anything but DCP's own metadata, which
-goes through a restricted unpickler below):
+What is saved (tensors only; loading goes through pretrain.checkpoint.SafeDCPReader, which reads
+DCP's index through an exact allowlist and refuses any entry that is not a tensor, so a train_state
+written by someone else cannot run code when a run resumes):
     backbone/*   backbone state (replicated; DCP writes it once)
     ema/*        the EMA backbone, when on
     head/weight, head/bias   the sharded head as DTensors sharded on dim 0 (one chunk per rank,
@@ -20,43 +21,15 @@ give DCP a sharding description of the head; everything else about ranks comes f
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
+from pretrain.checkpoint import SafeDCPReader, read_state_metadata
 from pretrain.dist import DistInfo
-
-_SAFE_METADATA_MODULES = ("torch.distributed.checkpoint.", "torch._utils", "collections", "torch.storage")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP stores its index (.metadata) as a pickle; allow only DCP's own plain classes and torch types."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if (module, name) == ("torch.serialization", "_get_layout"):  # maps a layout name to torch.strided etc.
-            return super().find_class(module, name)
-        if module.startswith(_SAFE_METADATA_MODULES) or (module == "builtins" and name in ("set", "frozenset", "slice")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"train_state/.metadata refers to {module}.{name}, which is not allowed")
-
-
-class _SafeReader(FsspecReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 @dataclass
@@ -146,8 +119,9 @@ def save_train_state(url: str, *, backbone: nn.Module, head: nn.Module, optimize
 
 
 def read_progress(url: str) -> Progress:
+    read_state_metadata(url)  # refuses a hostile index with a CheckpointError naming the file
     state = {"progress": torch.zeros(4, dtype=torch.long)}
-    dcp.load(state, storage_reader=_SafeReader(url), no_dist=True)
+    dcp.load(state, storage_reader=SafeDCPReader(url), no_dist=True)
     step, epoch, steps_in_epoch, world_size = (int(v) for v in state["progress"])
     return Progress(step, epoch, steps_in_epoch, world_size)
 
@@ -159,7 +133,7 @@ def load_train_state(url: str, *, backbone: nn.Module, head: nn.Module, optimize
     _init_optimizer_state(optimizer)
     state = _state_dict(backbone=backbone, head=head, optimizer=optimizer, ema=ema, progress=saved, dist=dist,
                         with_rng=saved.world_size == dist.world_size)
-    dcp.load(state, storage_reader=_SafeReader(url), no_dist=dist.world_size == 1)
+    dcp.load(state, storage_reader=SafeDCPReader(url), no_dist=dist.world_size == 1)
     # Non-parameter buffers (BatchNorm's num_batches_tracked etc.) may be replaced rather than copied.
     backbone.load_state_dict({k[len("backbone/"):]: v for k, v in state.items() if k.startswith("backbone/")})
     if ema is not None:

@@ -10,26 +10,13 @@ The manifest uses the schema `data_pipeline.ingest` writes (format_version, spli
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from data_pipeline import dataset as ds
-
-
-def make_jpeg(seed: int, width: int, height: int, quality: int = 90) -> bytes:
-    """A deterministic, compressible-but-not-flat RGB JPEG."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(1, 1, 3))
-    noise = rng.integers(0, 64, size=(height, width, 3))
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from tests.conftest import noise_jpeg
 
 
 def sample_key(shard: int, index: int) -> str:
@@ -56,7 +43,7 @@ def make_dataset(root: str | Path, shard_sizes: Iterable[int] | Mapping[str, Ite
                 key = sample_key(shard_number, i)
                 class_id = (shard_number * 7 + i) % num_classes
                 counts[class_id] += 1
-                jpg = b"not a jpeg" if key in bad else make_jpeg(shard_number * 100_000 + i, image_size + 8, image_size)
+                jpg = b"not a jpeg" if key in bad else noise_jpeg(shard_number * 100_000 + i, image_size + 8, image_size)
                 samples.append(ds.encode_sample(key, jpg, class_id, {"url": f"http://example.invalid/{key}.jpg",
                                                                       "label": f"class{class_id:05d}"}))
             records[split].append(ds.write_shard(ds.shard_url(root, split, index), samples))

@@ -16,6 +16,7 @@ from data_pipeline.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.model import backbone_mismatches, classifier_name, create_finetune_model, set_backbone_frozen, set_train_mode
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import noise_jpeg
 from tests.dataset_factory import make_dataset
 
 ARCH = "test_resnet"
@@ -196,7 +197,7 @@ def test_evaluate_report_on_renumbered_image_folder(tmp_path, finetuned):
     for name in ("class00002", "class00000"):
         (folder / name).mkdir(parents=True)
         for i in range(3):
-            (folder / name / f"{i}.jpg").write_bytes(_jpeg(i))
+            (folder / name / f"{i}.jpg").write_bytes(noise_jpeg(i, 40, 32))
     report = evaluate(summary["final_url"], str(folder), out_dir=str(tmp_path / "eval"), num_workers=0,
                       cache_url=str(tmp_path / "cache"))
     assert report["num_samples"] == 6 and 0 <= report["top1"] <= report["top5"] == 1.0  # 3 classes: top-5 is all
@@ -207,17 +208,12 @@ def test_evaluate_report_on_renumbered_image_folder(tmp_path, finetuned):
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _jpeg(seed: int) -> bytes:
-    from tests.dataset_factory import make_jpeg
-    return make_jpeg(seed, 40, 32)
-
-
 def test_predict_top_k(tmp_path, finetuned):
     from finetune.predict import predict
 
     _, summary = finetuned
     good = tmp_path / "a.jpg"
-    good.write_bytes(_jpeg(7))
+    good.write_bytes(noise_jpeg(7, 40, 32))
     bad = tmp_path / "b.jpg"
     bad.write_bytes(b"not an image")
     results = predict(summary["final_url"], [str(good), str(bad)], k=2)

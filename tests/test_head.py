@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.dist import DistInfo, all_gather_with_grad, cleanup, init_distributed
+from tests.conftest import free_port
 from pretrain.head import (ShardedClassifierHead, clip_grad_norm_, gather_rows, sharded_argmax, sharded_cross_entropy,
                            sharded_topk_correct)
 
@@ -185,10 +185,7 @@ def _worker(rank: int, port: int, out_dir: str):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("head")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -9,7 +9,6 @@ import json
 import time
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,16 +19,10 @@ from data_pipeline import dataset
 from data_pipeline.config import ConfigError, replace
 from data_pipeline.ingest import IngestConfig, IngestError, ShardResult, check_out_location, finalize, plan_shards, write_shard
 from data_pipeline.source import SourceError
-from http_server import LoopbackServer
+from tests.conftest import encode_image, noise_jpeg, solid_jpeg
 
 CFG = replace(IngestConfig(), ["fetch.allow_networks=[127.0.0.0/8]", "fetch.timeout_s=1.0", "fetch.threads=4",
                                "image.image_size=32", "output.shard_size=4", "output.max_failed_fraction=1.0"])
-
-
-def jpeg(width: int, height: int, color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def ingest(source: str, out: str, cfg: IngestConfig = CFG) -> dict:
@@ -43,33 +36,27 @@ def write_table(path, **columns) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server():
-    with LoopbackServer() as s:
-        yield s
-
-
 @pytest.fixture
-def mixed_source(server, tmp_path):
+def mixed_source(http_server, tmp_path):
     """One row per outcome; returns (source path, expected reason per row)."""
     rows = [
-        (server.add("/a.jpg", jpeg(40, 30)), "cat", ""),
-        (server.add("/b.jpg", jpeg(300, 100)), "dog", ""),
-        (server.add("/c.png", _png()), "dog", ""),
-        (server.url("/a.jpg"), "cat", "duplicate_url"),
-        (server.url("/gone.jpg"), "cat", "http_404"),
-        (server.add("/e500", status=500), "cat", "http_500"),
-        (server.add("/html", b"<html></html>", content_type="text/html"), "bird", "not_an_image"),
-        (server.add("/tiny.jpg", jpeg(8, 8)), "bird", "too_small"),
-        (server.add("/trunc.jpg", _noisy(64)[:-300]), "bird", "truncated"),
-        (server.add("/noai.jpg", jpeg(20, 20), headers={"X-Robots-Tag": "noai"}), "bird", "opt_out"),
-        (server.add("/slow.jpg", jpeg(20, 20), delay_s=2.0), "bird", "timeout"),
-        (server.add("/loop", status=302, location="/loop2"), "bird", ""),
+        (http_server.add("/a.jpg", solid_jpeg(40, 30)), "cat", ""),
+        (http_server.add("/b.jpg", solid_jpeg(300, 100)), "dog", ""),
+        (http_server.add("/c.png", encode_image(Image.new("RGBA", (20, 20), (0, 0, 255, 255)), "PNG")), "dog", ""),
+        (http_server.url("/a.jpg"), "cat", "duplicate_url"),
+        (http_server.url("/gone.jpg"), "cat", "http_404"),
+        (http_server.add("/e500", status=500), "cat", "http_500"),
+        (http_server.add("/html", b"<html></html>", content_type="text/html"), "bird", "not_an_image"),
+        (http_server.add("/tiny.jpg", solid_jpeg(8, 8)), "bird", "too_small"),
+        (http_server.add("/trunc.jpg", noise_jpeg(1, 64, 64)[:-300]), "bird", "truncated"),
+        (http_server.add("/noai.jpg", solid_jpeg(20, 20), headers={"X-Robots-Tag": "noai"}), "bird", "opt_out"),
+        (http_server.add("/slow.jpg", solid_jpeg(20, 20), delay_s=2.0), "bird", "timeout"),
+        (http_server.add("/loop", status=302, location="/loop2"), "bird", ""),
         ("ftp//broken", "cat", "bad_url"),
-        (server.add("/nolabel.jpg", jpeg(20, 20)), None, "missing_label"),
+        (http_server.add("/nolabel.jpg", solid_jpeg(20, 20)), None, "missing_label"),
         ("http://10.0.0.1/x.jpg", "cat", "blocked_address"),
     ]
-    server.add("/loop2", status=302, location="/loop")
+    http_server.add("/loop2", status=302, location="/loop")
     reasons = [r for _, _, r in rows]
     reasons[11] = "redirect_loop"
     path = write_table(tmp_path / "src.parquet", url=[u for u, _, _ in rows], label=[lb for _, lb, _ in rows])
@@ -79,19 +66,6 @@ def mixed_source(server, tmp_path):
 def put(path, text: str) -> str:
     path.write_text(text)
     return str(path)
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGBA", (20, 20), (0, 0, 255, 255)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _noisy(size: int) -> bytes:
-    rng = np.random.default_rng(1)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def read_index(root: str) -> pa.Table:
@@ -150,8 +124,8 @@ def test_output_of_other_inputs_is_refused(mixed_source, tmp_path):
         check_out_location(plan_shards(source, out, replace(CFG, ["image.image_size=64"])))
 
 
-def test_held_out_split_by_key_hash(server, tmp_path):
-    urls = [server.add(f"/s{i}.jpg", jpeg(20, 20, (i * 7 % 255, 0, 0))) for i in range(40)]
+def test_held_out_split_by_key_hash(http_server, tmp_path):
+    urls = [http_server.add(f"/s{i}.jpg", solid_jpeg(20, 20, (i * 7 % 255, 0, 0))) for i in range(40)]
     source = write_table(tmp_path / "s.parquet", url=urls, label=[f"c{i % 3}" for i in range(40)],
                          key=[f"k{i}" for i in range(40)])
     cfg = replace(CFG, ["output.val_fraction=0.3", "output.shard_size=10"])
@@ -170,7 +144,7 @@ def test_image_folder_source(tmp_path):
     for label in ("zebra", "ant"):
         (tmp_path / "folder" / label).mkdir(parents=True)
         for i in range(2):
-            (tmp_path / "folder" / label / f"{i}.jpg").write_bytes(jpeg(32, 32))
+            (tmp_path / "folder" / label / f"{i}.jpg").write_bytes(solid_jpeg(32, 32))
     (tmp_path / "folder" / "ant" / "notes.txt").write_text("hello")
     out = str(tmp_path / "out")
     manifest = ingest(str(tmp_path / "folder"), out)
@@ -181,7 +155,7 @@ def test_image_folder_source(tmp_path):
 def test_memory_filesystem_source_images_and_output():
     fs = fsspec.filesystem("memory")
     for i in range(3):
-        fs.pipe(f"/w1src/img{i}.jpg", jpeg(24, 24))
+        fs.pipe(f"/w1src/img{i}.jpg", solid_jpeg(24, 24))
     buf = io.BytesIO()
     pq.write_table(pa.table({"url": [f"memory://w1src/img{i}.jpg" for i in range(3)] + ["memory://w1src/none.jpg"],
                              "label": ["a", "b", "a", "b"]}), buf)
@@ -198,7 +172,7 @@ def test_memory_filesystem_source_images_and_output():
 def test_120k_classes_without_per_class_work(tmp_path):
     num_classes, num_images = 120_000, 200
     for i in range(num_images):
-        (tmp_path / f"{i}.jpg").write_bytes(jpeg(16, 16))
+        (tmp_path / f"{i}.jpg").write_bytes(solid_jpeg(16, 16))
     # Every row its own class; 200 distinct images, the other rows repeat a URL (cheap skips).
     labels = [f"class-{i:06d}" for i in range(num_classes)][::-1]
     urls = [f"file://{tmp_path}/{i % num_images}.jpg" for i in range(num_classes)]
@@ -252,8 +226,8 @@ def test_bad_sources_fail_before_any_work(tmp_path, capsys, build, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
-def test_csv_and_jsonl_sources(server, tmp_path):
-    url = server.add("/csv.jpg", jpeg(20, 20))
+def test_csv_and_jsonl_sources(http_server, tmp_path):
+    url = http_server.add("/csv.jpg", solid_jpeg(20, 20))
     (tmp_path / "t.csv").write_text(f"url,label\n{url},1\n{url}x,2\n")
     (tmp_path / "t.jsonl").write_text(json.dumps({"url": url, "label": "a"}) + "\n")
     assert ingest(str(tmp_path / "t.csv"), str(tmp_path / "o1"))["totals"]["train"]["reasons"] == {"http_404": 1}
@@ -261,8 +235,8 @@ def test_csv_and_jsonl_sources(server, tmp_path):
     assert ingest(str(tmp_path / "t.jsonl"), str(tmp_path / "o2"))["totals"]["train"]["ok"] == 1
 
 
-def test_failed_fraction_fails_loudly(server, tmp_path):
-    source = write_table(tmp_path / "s.parquet", url=[server.url(f"/none{i}") for i in range(3)], label=["a"] * 3)
+def test_failed_fraction_fails_loudly(http_server, tmp_path):
+    source = write_table(tmp_path / "s.parquet", url=[http_server.url(f"/none{i}") for i in range(3)], label=["a"] * 3)
     with pytest.raises(IngestError, match="max_failed_fraction"):
         ingest(source, str(tmp_path / "out"), replace(CFG, ["output.max_failed_fraction=0.5"]))
     assert not (tmp_path / "out" / "manifest.json").exists()

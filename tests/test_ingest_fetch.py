@@ -9,30 +9,30 @@ import pytest
 from data_pipeline.config import ConfigError
 from data_pipeline.fetch import FetchOptions, fetch, opted_out
 from data_pipeline.netpolicy import NetworkPolicy
-from http_server import LoopbackServer
+from tests.conftest import free_port
 
 LOOPBACK = NetworkPolicy.from_cidrs(["127.0.0.0/8"])
 
 
 @pytest.fixture(scope="module")
-def server():
-    with LoopbackServer() as s:
-        s.add("/ok.jpg", b"IMAGE")
-        s.add("/err", status=500)
-        s.add("/slow", b"late", delay_s=3.0)
-        s.add("/r1", status=302, location="/r2")
-        s.add("/r2", status=301, location="/ok.jpg")
-        s.add("/loop-a", status=302, location="/loop-b")
-        s.add("/loop-b", status=302, location="/loop-a")
-        for i in range(8):
-            s.add(f"/chain{i}", status=302, location=f"/chain{i + 1}")
-        s.add("/endless", endless=True)
-        s.add("/big", b"x" * 5000)
-        s.add("/noai", b"IMAGE", headers={"X-Robots-Tag": "noindex"})
-        s.add("/noimageai", b"IMAGE", headers={"X-Robots-Tag": ["nofollow", "noimageai"]})
-        s.add("/otherbot", b"IMAGE", headers={"X-Robots-Tag": "otherbot: noai"})
-        s.add("/to-metadata", status=302, location="http://169.254.169.254/latest/meta-data/")
-        yield s
+def server(http_server):
+    s = http_server
+    s.add("/ok.jpg", b"IMAGE")
+    s.add("/err", status=500)
+    s.add("/slow", b"late", delay_s=3.0)
+    s.add("/r1", status=302, location="/r2")
+    s.add("/r2", status=301, location="/ok.jpg")
+    s.add("/loop-a", status=302, location="/loop-b")
+    s.add("/loop-b", status=302, location="/loop-a")
+    for i in range(8):
+        s.add(f"/chain{i}", status=302, location=f"/chain{i + 1}")
+    s.add("/endless", endless=True)
+    s.add("/big", b"x" * 5000)
+    s.add("/noai", b"IMAGE", headers={"X-Robots-Tag": "noindex"})
+    s.add("/noimageai", b"IMAGE", headers={"X-Robots-Tag": ["nofollow", "noimageai"]})
+    s.add("/otherbot", b"IMAGE", headers={"X-Robots-Tag": "otherbot: noai"})
+    s.add("/to-metadata", status=302, location="http://169.254.169.254/latest/meta-data/")
+    yield s
 
 
 def opts(**kw):
@@ -88,9 +88,7 @@ def test_optout_headers(server):
 
 
 def test_connection_errors_and_bad_urls(server, tmp_path):
-    refused = LoopbackServer()
-    port = refused.port
-    refused.stop()  # nothing listens on this port any more
+    port = free_port()  # nothing listens on it
     assert fetch(f"http://127.0.0.1:{port}/x.jpg", opts()).reason == "connection_error"
     assert fetch("http:///nohost.jpg", opts()).reason == "bad_url"
     assert fetch("http://no-such-host.invalid/x.jpg", opts()).reason == "dns_error"

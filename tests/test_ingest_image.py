@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import encode_image
 from data_pipeline.image import ImageOptions, process_image, target_size
 
 OPTS = ImageOptions(image_size=32, min_side=16, max_pixels=1_000_000, jpeg_quality=90)
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -24,20 +19,20 @@ def decoded(data: bytes) -> Image.Image:
 
 
 def test_small_rgb_baseline_jpeg_kept_byte_for_byte():
-    data = encode(Image.new("RGB", (30, 20), (10, 200, 30)), "JPEG", quality=80)
+    data = encode_image(Image.new("RGB", (30, 20), (10, 200, 30)), "JPEG", quality=80)
     result = process_image(data, OPTS)
     assert result.jpg == data and (result.width, result.height) == (30, 20)
 
 
 def test_large_jpeg_resized_shorter_side_without_upscaling():
-    data = encode(Image.new("RGB", (400, 100), (10, 200, 30)), "JPEG")
+    data = encode_image(Image.new("RGB", (400, 100), (10, 200, 30)), "JPEG")
     result = process_image(data, OPTS)
     assert (result.width, result.height) == (128, 32) and decoded(result.jpg).size == (128, 32)
     assert target_size(20, 10, 32) == (20, 10)  # never upscaled
 
 
 def test_progressive_jpeg_reencoded():
-    data = encode(Image.new("RGB", (30, 20), (10, 200, 30)), "JPEG", progressive=True)
+    data = encode_image(Image.new("RGB", (30, 20), (10, 200, 30)), "JPEG", progressive=True)
     result = process_image(data, OPTS)
     assert result.jpg != data and decoded(result.jpg).info.get("progressive") is None
 
@@ -47,7 +42,7 @@ def test_exif_orientation_applied():
     im.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 clockwise to display
-    result = process_image(encode(im, "JPEG", exif=exif.tobytes(), quality=95), OPTS)
+    result = process_image(encode_image(im, "JPEG", exif=exif.tobytes(), quality=95), OPTS)
     out = decoded(result.jpg)
     assert out.size == (20, 40) and (result.original_width, result.original_height) == (20, 40)
     top = np.asarray(out)[2, 10]
@@ -56,25 +51,25 @@ def test_exif_orientation_applied():
 
 def make_mode(mode: str) -> bytes:
     if mode == "CMYK":
-        return encode(Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
+        return encode_image(Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
     if mode == "P":
-        return encode(Image.new("RGB", (24, 24), (200, 0, 0)).convert("P"), "PNG")
+        return encode_image(Image.new("RGB", (24, 24), (200, 0, 0)).convert("P"), "PNG")
     if mode == "P-transparent":
         im = Image.new("P", (24, 24), 0)
         im.putpalette([0, 0, 0, 255, 0, 0])
-        return encode(im, "PNG", transparency=0)  # index 0 fully transparent -> white
+        return encode_image(im, "PNG", transparency=0)  # index 0 fully transparent -> white
     if mode == "RGBA":
-        return encode(Image.new("RGBA", (24, 24), (0, 0, 0, 0)), "PNG")
+        return encode_image(Image.new("RGBA", (24, 24), (0, 0, 0, 0)), "PNG")
     if mode == "LA":
-        return encode(Image.new("LA", (24, 24), (0, 0)), "PNG")
+        return encode_image(Image.new("LA", (24, 24), (0, 0)), "PNG")
     if mode == "I;16":
-        return encode(Image.fromarray(np.full((24, 24), 65535, np.uint16)), "PNG")
+        return encode_image(Image.fromarray(np.full((24, 24), 65535, np.uint16)), "PNG")
     if mode == "L":
-        return encode(Image.new("L", (24, 24), 255), "JPEG")
+        return encode_image(Image.new("L", (24, 24), 255), "JPEG")
     if mode == "1":
-        return encode(Image.new("1", (24, 24), 1), "PNG")
+        return encode_image(Image.new("1", (24, 24), 1), "PNG")
     if mode == "WEBP-RGBA":
-        return encode(Image.new("RGBA", (24, 24), (0, 0, 0, 0)), "WEBP", lossless=True)
+        return encode_image(Image.new("RGBA", (24, 24), (0, 0, 0, 0)), "WEBP", lossless=True)
     raise AssertionError(mode)
 
 
@@ -102,14 +97,14 @@ def test_animation_first_frame():
 def test_refusals():
     assert process_image(b"<html>not an image</html>", OPTS).reason == "not_an_image"
     assert process_image(b"", OPTS).reason == "not_an_image"
-    assert process_image(encode(Image.new("RGB", (15, 40)), "PNG"), OPTS).reason == "too_small"
-    assert process_image(encode(Image.new("RGB", (16, 16)), "PNG"), OPTS).jpg is not None  # 16 px passes
-    bomb = encode(Image.new("1", (2000, 1000)), "PNG")  # 2 Mpx, a few kB
+    assert process_image(encode_image(Image.new("RGB", (15, 40)), "PNG"), OPTS).reason == "too_small"
+    assert process_image(encode_image(Image.new("RGB", (16, 16)), "PNG"), OPTS).jpg is not None  # 16 px passes
+    bomb = encode_image(Image.new("1", (2000, 1000)), "PNG")  # 2 Mpx, a few kB
     assert len(bomb) < 10_000 and process_image(bomb, OPTS).reason == "too_many_pixels"
 
 
 @pytest.mark.parametrize("size", [(32, 32), (400, 300)])
 def test_truncated_jpeg(size):
     rng = np.random.default_rng(0)
-    data = encode(Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), "JPEG")
+    data = encode_image(Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), "JPEG")
     assert process_image(data[: len(data) * 4 // 5], OPTS).reason == "truncated"  # kept and resized paths

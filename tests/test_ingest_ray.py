@@ -4,7 +4,6 @@ Every run must end byte-identical to the plain (no Ray) run of the same plan: sh
 parts, classes.parquet, manifest.json and _info.json.
 """
 
-import io
 import os
 import signal
 import subprocess
@@ -17,13 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from PIL import Image
 
 from cluster.ingest_runner import run_ingest
-from data_pipeline import dataset
 from data_pipeline.config import replace
 from data_pipeline.ingest import IngestConfig, finalize, plan_shards, write_shard
-from http_server import LoopbackServer
+from tests.conftest import solid_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ROWS = 24
@@ -41,26 +38,27 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def slow_source(tmp_path_factory):
+def slow_source(tmp_path_factory, http_server):
     """24 images served with a delay, so a run lasts long enough to be killed in the middle."""
     tmp = tmp_path_factory.mktemp("src")
-    with LoopbackServer() as server:
-        urls = []
-        for i in range(NUM_ROWS):
-            buf = io.BytesIO()
-            Image.new("RGB", (48 + i, 40), (i * 10 % 255, 100, 50)).save(buf, "JPEG", quality=85)
-            urls.append(server.add(f"/img{i}.jpg", buf.getvalue(), delay_s=0.25))
-        urls[5] = server.url("/missing.jpg")
-        pq.write_table(pa.table({"url": urls, "label": [f"class{i % 5}" for i in range(NUM_ROWS)]}),
-                       str(tmp / "src.parquet"))
-        reference = str(tmp / "reference")
-        plan = plan_shards(str(tmp / "src.parquet"), reference, CFG)
-        finalize(plan, [write_shard(plan.task(i), CFG) for i in range(plan.num_tasks)], CFG)
-        yield str(tmp / "src.parquet"), Path(reference)
+    server = http_server
+    urls = []
+    for i in range(NUM_ROWS):
+        jpg = solid_jpeg(48 + i, 40, (i * 10 % 255, 100, 50), quality=85)
+        urls.append(server.add(f"/img{i}.jpg", jpg, delay_s=0.25))
+    urls[5] = server.url("/missing.jpg")
+    pq.write_table(pa.table({"url": urls, "label": [f"class{i % 5}" for i in range(NUM_ROWS)]}),
+                   str(tmp / "src.parquet"))
+    reference = str(tmp / "reference")
+    plan = plan_shards(str(tmp / "src.parquet"), reference, CFG)
+    finalize(plan, [write_shard(plan.task(i), CFG) for i in range(plan.num_tasks)], CFG)
+    yield str(tmp / "src.parquet"), Path(reference)
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The dataset's files; report/ (written by the runner after the dataset) names its location, so it differs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "report"}
 
 
 def assert_identical(a: Path, b: Path) -> None:
@@ -105,6 +103,7 @@ def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_so
     assert killed, "no shard task was running to kill"
     assert manifest["totals"]["train"]["rows"] == NUM_ROWS and manifest["totals"]["train"]["ok"] == NUM_ROWS - 1
     assert_identical(reference, tmp_path / "out")
+    assert "http_404" in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -126,6 +125,7 @@ def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path):
     rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "split" in rerun.stdout and f"{NUM_ROWS} rows" in rerun.stdout
+    assert f"report: {out}/report/index.html" in rerun.stdout and (out / "report" / "report.json").exists()
     assert_identical(reference, out)
     verify = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import pytest
 from cluster import jobs
 from cluster.cli import main
 from data_pipeline.config import ConfigError
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -85,12 +85,6 @@ def test_submit_refuses_bad_input(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", "--name", "../x", "--", "registry", "list"]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _session_pids(sid: int) -> list[int]:
     """Processes in session `sid` (the one `ray start` was started in): the head's processes only."""
     pids = []
@@ -126,11 +120,11 @@ def ray_head():
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    dashboard_port = _free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+    dashboard_port = free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
            "--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={home / 'ray'}",
            "--disable-usage-stats"]
     log = open(home / "head.log", "wb")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from pretrain.config import load_pretrain_config
 from pretrain.metrics import read_metrics
+from tests.conftest import free_port
 from pretrain.train import train
 from tests.dataset_factory import make_dataset
 
@@ -84,7 +85,7 @@ def test_corrupted_latest_checkpoint_is_refused(dataset, tmp_path):
 
 
 def _torchrun(args, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "pretrain.train", *sum((["--set", a] for a in args), [])]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=500)
 

@@ -16,7 +16,8 @@ from data_pipeline import dataset as ds
 from data_pipeline.reader import create_loader, dataset_info, num_classes, plan_slots
 from data_pipeline.transforms import (IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform,
                                       normalize)
-from tests.dataset_factory import make_dataset, make_jpeg
+from tests.conftest import noise_jpeg
+from tests.dataset_factory import make_dataset
 
 SHARD_SIZES = [7, 3, 12, 5, 9]  # 36 samples, unequal shards
 
@@ -151,7 +152,7 @@ def test_eval_mode_reads_every_sample_once(dataset):
 
 
 def test_transforms_shapes_and_draft_decode():
-    jpg = make_jpeg(0, 640, 480)
+    jpg = noise_jpeg(0, 640, 480)
     train = create_train_transform(64)
     out = train.from_bytes(jpg, rng=random.Random(0))
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8

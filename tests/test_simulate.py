@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -43,20 +44,29 @@ def test_reduced_simulation_with_chaos(tmp_path, capsys):
     assert (workdir / "evaluation" / "report.json").exists()
 
 
-def test_process_killer_kills_the_first_match_once(tmp_path):
+def test_process_killer_kills_only_what_the_stage_started(tmp_path):
+    """A matching process that the stage did not start (someone else's, started earlier, so with the
+    lower pid) is never touched; the stage's matching grandchild is killed, once."""
     import subprocess
     import sys
     marker = f"megaclass-chaos-probe-{tmp_path.name}"
-    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker]) for _ in range(2)]
+    sleeper = f"import time; time.sleep(60) # {marker}"
+    outsider = subprocess.Popen([sys.executable, "-c", sleeper])
+    stage = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                              f"raise SystemExit(subprocess.Popen([sys.executable, '-c', {sleeper!r}]).wait())"])
     try:
+        deadline = time.monotonic() + 20
+        while not find_processes(marker, stage.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child, _), = find_processes(marker, stage.pid)
         killer = ProcessKiller(marker, poll_s=0.05)
-        killer.start()
-        procs[0].wait(timeout=10) if procs[0].pid == min(p.pid for p in procs) else procs[1].wait(timeout=10)
+        killer.start(stage.pid)
+        assert stage.wait(timeout=10) != 0  # its child was SIGKILLed
         killer.stop()
-        assert len(killer.killed) == 1
-        assert len(find_processes(marker)) == 1  # the other one is untouched
+        assert [k["pid"] for k in killer.killed] == [child]
+        assert outsider.poll() is None  # the outsider is untouched
     finally:
-        for proc in procs:
+        for proc in (outsider, stage):
             proc.kill()
             proc.wait()
 

@@ -2,17 +2,20 @@
 
 Runs pretrain.train on `scaling.num_workers` Ray Train workers: a local Ray without --ray-address,
 the cluster at ADDR with it. --no-ray runs the same training function in this process (one worker,
-for debugging). Config mistakes exit 2 before Ray starts.
+for debugging). Config mistakes exit 2 before Ray starts; a run checkpoint that fails
+verification (checksums, or a train_state that is not plain tensors) exits 1, naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from data_pipeline.config import to_dict
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_pretrain_config
-from pretrain.run import check_data
+from pretrain.run import check_data, check_resume
 
 NAME = "pretrain"
 HELP = "pretrain a backbone with a sharded 100k-class head on a dataset (Ray Train, DDP)"
@@ -31,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (["scaling.num_workers=1"] if args.no_ray else [])
     cfg = load_pretrain_config(args.config, overrides)  # ConfigError -> exit 2, before Ray starts
     check_data(cfg)  # an unreadable dataset or unknown split too
+    try:
+        check_resume(cfg)  # a damaged or hostile run checkpoint to resume from
+    except CheckpointError as exc:
+        print(f"megaclass pretrain: error: {exc}", file=sys.stderr)
+        return 1
     if args.no_ray:
         from pretrain.train import train
         summary = train(cfg)

@@ -1,0 +1,68 @@
+"""Hostile and careless input, caught before any work: non-finite numbers, typos in options, names
+with a trailing newline, a registry lock that never frees."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cluster.cli import main
+from data_pipeline.config import ConfigError, load_config
+from pretrain.config import PretrainConfig
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-inf", "nan", ".nan", "1e400"])
+def test_non_finite_numbers_are_refused(value):
+    for key in ("optim.lr", "train.epochs", "loss.mixup"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected a finite number"):
+            load_config(PretrainConfig, None, ["data.url=/d", "checkpoint.url=/r", f"{key}={value}"])
+
+
+def test_huge_integer_is_a_config_error_not_a_crash():
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected an integer"):
+        load_config(PretrainConfig, None, ["data.url=/d", "checkpoint.url=/r", "train.max_steps='1e400'"])
+
+
+def test_arch_typo_exits_2_before_ray(tmp_path, capsys, monkeypatch):
+    import cluster.runtime
+    monkeypatch.setattr(cluster.runtime, "ray_session", lambda *a, **k: pytest.fail("Ray was started"))
+    code = main(["pretrain", "--set", f"data.url={tmp_path}/none", "--set", f"checkpoint.url={tmp_path}/run",
+                 "--set", "model.arch=resnet50dd"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.arch: 'resnet50dd'" in err[0]
+
+
+def test_finetune_optimizer_typo_exits_2_before_ray(tmp_path, capsys):
+    code = main(["finetune", "--checkpoint", str(tmp_path / "ckpt"), "--train", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run"), "--set", "optim.name=adamww"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "optim.name: 'adamww'" in err[0]
+
+
+@pytest.mark.parametrize("bad", ["model\n", "model\nx", "../x", ".hidden"])
+def test_registry_names_must_match_whole(bad):
+    from cluster.registry import RegistryError, parse_ref, validate_name
+    with pytest.raises(RegistryError):
+        validate_name(bad, "name")
+    with pytest.raises(RegistryError):
+        parse_ref(f"registry://ok@{bad}")
+
+
+def test_run_name_with_trailing_newline_is_refused():
+    from cluster.jobs import validate_run_name
+    with pytest.raises(ConfigError, match="--name"):
+        validate_run_name("run\n")
+
+
+def test_lock_timeout_is_a_registry_error(tmp_path):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from cluster.registry import RegistryError
+    from cluster.storage import FileLock
+    lock = tmp_path / "aliases.json.lock"
+    lock.write_text(json.dumps({"created": time.time()}))  # held by a live writer
+    with pytest.raises(RegistryError, match="lock held"):
+        with FileLock(LocalFileSystem(), str(lock), timeout_s=0.2, stale_s=60):
+            pass

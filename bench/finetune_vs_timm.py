@@ -168,7 +168,7 @@ def run_pretrain(dataset: str, run: Path, steps: int) -> str:
     cfg = load_config(PretrainConfig, None, [
         f"data.url={dataset}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=1", "data.eval_split=val",
         "data.scale=0.35,1", "data.hflip=0", f"model.arch={ARCH}", "optim.name=adamw", "optim.lr=0.003",
-        "optim.weight_decay=0.05", "optim.warmup_steps=30", "train.global_batch_size=128",
+        "optim.weight_decay=0.05", "optim.warmup_steps=30", "train.global_batch_size=64",
         f"train.max_steps={steps}", "train.channels_last=false", "train.num_threads=1",
         "loss.label_smoothing=0.1", f"checkpoint.url={run}", "checkpoint.every_steps=0", "checkpoint.keep=1",
         "log.every_steps=50", "log.eval_batches=4", "log.tensorboard=false"])
@@ -236,8 +236,8 @@ def run_plain(ckpt: str, train: Path, test: Path, steps: int, scratch: bool, see
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/megaclass-finetune-vs-timm")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every downstream run")
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every downstream run")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="upstream steps of 64 images")
     parser.add_argument("--shots", default="3,10", help="training images per class, comma-separated")
     parser.add_argument("--datasets", default="digits,fonts,shapes")
     parser.add_argument("--seed", type=int, default=0)

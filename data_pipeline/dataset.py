@@ -39,7 +39,7 @@ INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_row", pa.int64()), ("url", pa.string()), ("label", pa.string()),
     ("class_id", pa.int32()), ("status", pa.string()), ("reason", pa.string()), ("split", pa.string()),
     ("shard", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
-    ("sha256", pa.string()),
+    ("sha256", pa.string()), ("attempts", pa.int32()),
 ])
 STATUSES = ("ok", "failed", "skipped")
 

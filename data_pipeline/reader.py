@@ -75,6 +75,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor          # int64 [B]
     keys: list[str]               # sample keys, in batch order (a replaced bad sample shows its stand-in's key)
     bad_keys: tuple[str, ...] = ()  # keys of samples skipped while building this batch
+    targets: tuple = ()           # with a `decoder` (detection): its per-sample targets; labels are then -1
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,9 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, epoch: int, transform: Callable, shuffle_buffer: int,
                  batches_per_rank: int | None, skip_batches: int, shuffle: bool, num_classes: int | None,
-                 num_epochs: int = 1):
+                 num_epochs: int = 1, decoder: Callable | None = None):
         super().__init__()
+        self.decoder = decoder
         self.shards = shards
         self.batch_size = batch_size
         self.rank = rank
@@ -250,7 +252,9 @@ class ShardStream(IterableDataset):
             yield self._build_batch(window, raw, _rng(self.seed, epoch, self.rank, batch_index, "aug"),
                                     replace_bad=train_mode)
 
-    def _decode(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, Any]:
+        if self.decoder is not None:
+            return self.decoder(sample, rng)
         label = int(sample["cls"])
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} outside [0, {self.num_classes})")
@@ -258,7 +262,7 @@ class ShardStream(IterableDataset):
 
     def _build_batch(self, window: list[dict], raw: Iterator[dict], rng: random.Random,
                      replace_bad: bool) -> Batch:
-        good: list[tuple[torch.Tensor, int, str]] = []
+        good: list[tuple[torch.Tensor, Any, str]] = []
         bad: list[str] = []
         positions = []  # per window position: index into `good`, or None for a bad sample
         pending = list(window)
@@ -284,9 +288,12 @@ class ShardStream(IterableDataset):
         else:
             order = [p for p in positions if p is not None]
         if not order:  # evaluation mode, every sample of the window bad: an empty batch keeps the count
-            size = int(getattr(self.transform, "image_size", 0))
+            size = int(getattr(self.decoder or self.transform, "image_size", 0))
             return Batch(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [],
                          tuple(bad))
+        if self.decoder is not None:
+            return Batch(torch.stack([good[i][0] for i in order]), torch.full((len(order),), -1, dtype=torch.int64),
+                         [good[i][2] for i in order], tuple(bad), tuple(good[i][1] for i in order))
         return Batch(torch.stack([good[i][0] for i in order]),
                      torch.tensor([good[i][1] for i in order], dtype=torch.int64),
                      [good[i][2] for i in order], tuple(bad))
@@ -410,7 +417,8 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
                   transform: Callable | None = None, shuffle_buffer: int = 1000,
                   samples_per_epoch: int | None = None, skip_batches: int = 0, shuffle: bool = True,
                   drop_last: bool = True, pin_memory: bool = False,
-                  max_bad_fraction: float | None = None, classes: int | None = None, num_epochs: int = 1) -> Loader:
+                  max_bad_fraction: float | None = None, classes: int | None = None, num_epochs: int = 1,
+                  decoder: Callable | None = None) -> Loader:
     """One rank's loader for one epoch of `split` (see the module doc for the guarantees).
 
     drop_last=True (training): every rank yields exactly len(loader) = samples_per_epoch //
@@ -422,6 +430,8 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
     num_epochs > 1 (training): epochs epoch..epoch+num_epochs-1 back to back through the same loader
     workers (no restart between epochs), batch for batch identical to one loader per epoch;
     len(loader) = num_epochs x batches per epoch and skip_batches counts within the first epoch.
+    decoder: replaces label decoding + transform: (sample dict, rng) -> (uint8 CHW, target), for samples
+    whose target is more than a class id (detection: `data_pipeline.detection.DetectionDecoder`).
     """
     if batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
@@ -449,5 +459,5 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
                          num_workers=num_workers, seed=seed, epoch=epoch,
                          transform=transform or create_eval_transform(224), shuffle_buffer=shuffle_buffer,
                          batches_per_rank=batches_per_rank, skip_batches=skip_batches, shuffle=shuffle,
-                         num_classes=classes, num_epochs=num_epochs)
+                         num_classes=classes, num_epochs=num_epochs, decoder=decoder)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, max_bad_fraction=max_bad_fraction)

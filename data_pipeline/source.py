@@ -146,11 +146,26 @@ def read_folder_source(url: str) -> tuple[pa.Table, str]:
     return table, listing.hexdigest()
 
 
+def own_scheme(url: str) -> str:
+    """The URL scheme of files next to `url` (`file` for a local path)."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol("/x").split("://", 1)[0].lower() if "://" in fs.unstrip_protocol("/x") else "file"
+
+
+def is_folder(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
 def read_source(url: str) -> tuple[pa.Table, str]:
-    """The source table (SOURCE_SCHEMA) and a fingerprint of its content."""
+    """The source table (SOURCE_SCHEMA; a COCO JSON adds detection columns) and a fingerprint of its content."""
     fs, path = fsspec.core.url_to_fs(url)
     if fs.isdir(path):
         return read_folder_source(url)
     if not fs.exists(path):
         raise SourceError(f"source {url}: file not found")
+    from data_pipeline.detection import is_coco_json, read_coco_source  # detection imports this module
+
+    if is_coco_json(url):
+        return read_coco_source(url)
     return read_table_source(url)

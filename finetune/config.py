@@ -20,7 +20,15 @@ MODES = ("full", "linear", "lp-ft")
 
 @dataclass(frozen=True)
 class DataSection(Augmentation):
-    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint)."""
+    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint).
+
+    Three defaults differ from timm's ImageNet ones, chosen on few-shot data (BENCHMARKS.md, finetune):
+    no flip (digits, text and laterality change meaning when flipped), a milder crop range, and
+    evaluation on the whole image (small downstream images have little border to spare)."""
+    hflip: float = doc("horizontal flip probability (timm hflip); 0.5 is timm's ImageNet default", 0.0)
+    scale: tuple[float, float] = doc("RandomResizedCrop area fraction range [min, max] (timm scale)", (0.25, 1.0))
+    crop_pct: float = doc("evaluation: resize the shorter side to image_size / crop_pct, then center crop "
+                          "(timm crop_pct; 1 = the whole image)", 1.0)
     url: str = doc("downstream train data: a dataset URL (megaclass ingest) or an image folder ROOT/<class>/<image>", "")
     val_url: str = doc("validation data, same forms; empty = the 'val' split of data.url", "")
     train_split: str = doc("split of data.url to train on", "train")

@@ -344,7 +344,7 @@ def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = Non
              "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
                                 ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
                                 "step": ctx.source.megaclass.get("step"),
-                                "init": "scratch" if ctx.cfg.finetune.scratch else "pretrained"},
+                                "scratch": ctx.cfg.finetune.scratch},
              "augmentation": ctx.cfg.data.as_dict()}
     block.update(extra or {})
     return block

@@ -83,6 +83,11 @@ class LoadedCheckpoint:
     megaclass: dict[str, Any]
 
     @property
+    def task(self) -> str:
+        """'classification' (a timm model), or 'detection' (megaclass.detector says which detector)."""
+        return str(self.megaclass.get("task", "classification"))
+
+    @property
     def model_args(self) -> dict[str, Any]:
         """Constructor kwargs timm needs to rebuild the architecture (e.g. a preset's act_layer)."""
         return {k: v for k, v in self.config.get("model_args", {}).items() if k != "num_classes"}
@@ -301,7 +306,12 @@ def create_model_from_checkpoint(ckpt: LoadedCheckpoint, num_classes: int | None
     """The timm model with the checkpoint's weights (pretrained=False: nothing is downloaded).
 
     With another num_classes the classifier is freshly initialised and every other weight must load.
+    A detection checkpoint is refused here: its weights are a detector's, not a timm classifier's.
     """
+    if ckpt.task != "classification":
+        detector = ckpt.megaclass.get("detector", {}).get("name", "?")
+        raise CheckpointError(f"{ckpt.url}: a {ckpt.task} checkpoint ({detector} on {ckpt.arch}), not a "
+                              "classification model; use it with detection data, or start from a backbone checkpoint")
     num_classes = ckpt.num_classes if num_classes is None else num_classes
     kwargs = {**ckpt.model_args, **timm_kwargs}
     model = timm.create_model(ckpt.arch, pretrained=False, num_classes=num_classes, **kwargs)

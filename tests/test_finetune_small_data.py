@@ -180,3 +180,15 @@ def test_checkpoint_records_the_evaluation_preprocessing(tmp_path, source, tiny)
     assert final.megaclass["augmentation"]["hflip"] == 0 and final.megaclass["augmentation"]["auto_augment"] == "trivialaugment"
     transform = checkpoint_eval_transform(final.pretrained_cfg)
     assert transform.crop_pct == 0.5 and transform.interpolation == "bicubic" and transform.image_size == 32
+
+
+def test_scratch_flag_sets_the_config():
+    import argparse
+
+    from cluster.commands.finetune import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert build_config(parser.parse_args(["--scratch"])).finetune.scratch is True
+    assert build_config(parser.parse_args(["--set", "finetune.scratch=true"])).finetune.scratch is True
+    assert build_config(parser.parse_args([])).finetune.scratch is False

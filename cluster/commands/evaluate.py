@@ -17,8 +17,9 @@ HELP = "evaluate a model on labelled data (top-1, top-5, per-class, confusion ma
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint dir or registry://NAME@ALIAS")
-    parser.add_argument("data", help="dataset URL or image folder ROOT/<class>/<image>")
-    parser.add_argument("--out", help="write report.json and confusion.png here")
+    parser.add_argument("data", help="dataset URL or image folder ROOT/<class>/<image>; for a detector: a COCO "
+                                     "instances JSON or a detection dataset")
+    parser.add_argument("--out", help="write report.json and confusion.png (detector: predictions.png) here")
     parser.add_argument("--split", default="val", help="split to score (default val; a one-split dataset uses its own)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
@@ -28,9 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
+        from cluster.commands.detection import checkpoint_task, reject_detection_data, run_evaluate
         from finetune.evaluate import evaluate, format_report
 
-        report = evaluate(resolve_model_uri(args.model, args.registry), args.data, split=args.split,
+        model_url = resolve_model_uri(args.model, args.registry)
+        if checkpoint_task(model_url) == "detection":
+            return run_evaluate(args, model_url)
+        reject_detection_data(args.data, f"{model_url} is a classification checkpoint; data")
+        report = evaluate(model_url, args.data, split=args.split,
                           out_dir=args.out, batch_size=args.batch_size, num_workers=args.workers)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         if args.out:

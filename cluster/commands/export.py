@@ -22,9 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
+        from cluster.commands.detection import checkpoint_task, run_export
         from finetune.export import export_onnx
 
-        report = export_onnx(resolve_model_uri(args.model, args.registry), args.onnx, image_size=args.image_size)
+        model_url = resolve_model_uri(args.model, args.registry)
+        if checkpoint_task(model_url) == "detection":
+            return run_export(args, model_url)
+        report = export_onnx(model_url, args.onnx, image_size=args.image_size)
         print(f"wrote {report['onnx']} (input {report['input_size']}, {report['num_classes']} classes); "
               f"parity vs PyTorch on CPU: max abs logits diff {report['max_abs_diff']:.3g} "
               f"(< {report['tolerance']:g})")

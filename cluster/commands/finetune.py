@@ -3,6 +3,7 @@
     megaclass finetune --checkpoint registry://backbone@production --train flowers/ --val flowers_val/ \
         --out runs/flowers --set finetune.mode=lp-ft --set train.epochs=20
     megaclass finetune --checkpoint runs/pre/final --train ds/ --out runs/ft --no-ray   (this process)
+    megaclass finetune --task detection --checkpoint runs/pre/final --train train.json --val val.json --out runs/det
 
 Options: defaults < --config FILE.yaml < the flags < --set section.field=value. The checkpoint may be
 a registry URI, resolved here to a verified local folder; an image-folder DATA is ingested here
@@ -20,7 +21,7 @@ from data_pipeline.config import ConfigError, describe, from_dict, merge, parse_
 from data_pipeline.dataset import DatasetError
 
 NAME = "finetune"
-HELP = "fine-tune a checkpoint on a small labelled dataset (full, linear probe, or lp-ft)"
+HELP = "fine-tune a checkpoint on a small labelled dataset (full, linear probe, or lp-ft), or train a detector"
 log = logging.getLogger(__name__)
 
 
@@ -51,13 +52,16 @@ def resolve_model_uri(uri: str, registry: str | None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=("classification", "detection"), default="classification",
+                        help="detection: COCO JSON data, a Faster R-CNN FPN / RetinaNet / FCOS (model.detector)")
     parser.add_argument("--checkpoint", help="source checkpoint dir (any fsspec URL) or registry://NAME@ALIAS")
-    parser.add_argument("--train", help="train data: dataset URL or image folder ROOT/<class>/<image>")
+    parser.add_argument("--train", help="train data: dataset URL or image folder ROOT/<class>/<image> "
+                                        "(detection: a COCO instances JSON or a detection dataset)")
     parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
     parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
     parser.add_argument("--scratch", action="store_true", default=None,
-                        help="random init of the checkpoint's architecture, same everything else (finetune.scratch)")
+                        help="random init of the same model, same everything else (finetune.scratch): a baseline")
     parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
@@ -82,8 +86,12 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.list_options:
         from finetune.config import FinetuneConfig
-        print("\n".join(describe(FinetuneConfig)))
+        from finetune.detection.config import DetectionConfig
+        print("\n".join(describe(DetectionConfig if args.task == "detection" else FinetuneConfig)))
         return 0
+    if args.task == "detection":
+        from cluster.commands.detection import run_finetune
+        return run_reporting_errors(NAME, lambda: run_finetune(args, resolve_model_uri))
     return run_reporting_errors(NAME, lambda: _run(args))
 
 
@@ -91,7 +99,11 @@ def _run(args: argparse.Namespace) -> int:
     from finetune.data import resolve_dataset
     from finetune.train import check_inputs, finetune
 
+    from cluster.commands.detection import reject_detection_data
+
     cfg = build_config(args)
+    reject_detection_data(cfg.data.url, "--train")
+    reject_detection_data(cfg.data.val_url, "--val")
     if args.no_ray:
         cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()

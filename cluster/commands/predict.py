@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from data_pipeline.config import ConfigError
+
 from cluster.commands.finetune import resolve_model_uri, run_reporting_errors
 
 NAME = "predict"
@@ -20,14 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or fsspec URLs)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    parser.add_argument("--out", help="detector: write each image with its boxes drawn here (PNG)")
+    parser.add_argument("--min-score", type=float, default=0.3, help="detector: report boxes scoring at least this")
     parser.add_argument("--registry", help="registry root for registry:// URIs")
 
 
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
+        from cluster.commands.detection import checkpoint_task, run_predict
         from finetune.predict import format_predictions, predict
 
-        results = predict(resolve_model_uri(args.model, args.registry), args.images, args.top_k)
+        model_url = resolve_model_uri(args.model, args.registry)
+        if checkpoint_task(model_url) == "detection":
+            return run_predict(args, model_url)
+        if args.out:
+            raise ConfigError(f"--out: draws boxes, for detectors only; {model_url} is a classification checkpoint")
+        results = predict(model_url, args.images, args.top_k)
         print("\n".join(json.dumps(r) for r in results) if args.json else format_predictions(results))
         return 1 if any("error" in r for r in results) else 0
     return run_reporting_errors(NAME, body)

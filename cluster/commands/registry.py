@@ -6,6 +6,7 @@
     megaclass registry alias resnet-web production 3 --expect 2
     megaclass registry resolve registry://resnet-web@production
     megaclass registry verify resnet-web
+    megaclass registry export registry://resnet-web@production --hf hub/resnet-web [--push you/resnet-web]
 
 The root is `--registry URL`, else $MEGACLASS_REGISTRY, else ~/.local/share/megaclass/registry.
 Registry errors (bad name, missing version, failed checksum) print one line naming the field or
@@ -54,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = actions.add_parser("verify", parents=[common], help="recompute every sha256")
     p.add_argument("ref", metavar="NAME[/VERSION|@ALIAS]")
+
+    p = actions.add_parser("export", parents=[common],
+                           help="write a version as a Hugging Face Hub model folder (timm loads it), optionally push it")
+    p.add_argument("uri", metavar="URI", help="registry://NAME@ALIAS or registry://NAME/VERSION")
+    p.add_argument("--hf", metavar="DIR", required=True, help="new or empty local folder to write")
+    p.add_argument("--push", metavar="REPO_ID", default=None,
+                   help="then upload DIR to this Hub model repo (needs a token: `hf auth login` or $HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private (with --push)")
 
 
 def _print(args: argparse.Namespace, payload, text: str) -> None:
@@ -108,6 +117,26 @@ def _run(args: argparse.Namespace) -> int:
         _print(args, {str(v): p for v, p in report.items()},
                "\n".join(f"{name}/{v}: " + ("OK" if not p else "FAILED: " + "; ".join(p)) for v, p in report.items()))
         return 1 if any(report.values()) else 0
+    elif args.action == "export":
+        return _export(args, reg)
+    return 0
+
+
+def _export(args: argparse.Namespace, reg: Registry) -> int:
+    from cluster.hub_export import check_push, export_for_hub, push_to_hub
+
+    if args.push:
+        check_push(args.push)  # token and repo id before any work
+    folder = export_for_hub(reg, args.uri, args.hf, repo_id=args.push)
+    payload = {"uri": args.uri, "path": str(folder)}
+    if args.push:
+        try:
+            payload["pushed"] = push_to_hub(folder, args.push, private=args.private, message=f"megaclass export of {args.uri}")
+        except Exception as exc:  # the HTTP client's error classes are not part of huggingface_hub's API
+            print(f"megaclass registry: error: --push {args.push}: {type(exc).__name__}: {str(exc)[:200]} "
+                  f"(the folder is complete at {folder}; push it again or upload it by hand)", file=sys.stderr)
+            return 1
+    _print(args, payload, str(folder) + (f"\npushed: {payload['pushed']}" if args.push else ""))
     return 0
 
 

@@ -1,0 +1,83 @@
+"""DetectionConfig: the typed config of `megaclass finetune --task detection` (defaults < YAML < --set).
+
+The sections are fine-tuning's own (data, optim, train, checkpoint, scaling, log) with the same
+field names and meaning; `model` says which detector, and `finetune` which checkpoint and how
+(full, or linear = frozen backbone body, or scratch = the same detector from random weights).
+Fields of the shared sections that only classification uses (optim.layer_decay, data.crop_scale_min)
+are ignored here.
+
+    cfg = load_config(DetectionConfig, "det.yaml", ["model.detector=fcos", "train.max_steps=500"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.config import doc, require
+from finetune.config import CheckpointSection, DataSection, LogSection, OptimSection, ScalingSection, TrainSection
+from finetune.detection.model import DETECTORS
+
+DETECTION_MODES = ("full", "linear")
+
+
+@dataclass(frozen=True)
+class DetectionModelSection:
+    arch: str = doc("timm architecture of the backbone; empty = the checkpoint's (a different name is an error)", "")
+    detector: Literal["faster_rcnn", "retinanet", "fcos"] = doc(
+        "faster_rcnn (two-stage, FPN) | retinanet | fcos (one-stage, FPN)", "faster_rcnn")
+    fpn_channels: int = doc("channels of every FPN level and of the heads", 256)
+    anchor_scale: float = doc("anchor size / feature stride; 0 = image_size/100 within [2, 8] (8 = torchvision's "
+                              "800 px default)", 0.0)
+    score_thresh: float = doc("detections below this score are dropped (0..1)", 0.05)
+    nms_thresh: float = doc("IoU of non-maximum suppression (0..1)", 0.5)
+    detections_per_image: int = doc("at most this many detections per image", 100)
+
+    def validate(self) -> None:
+        require(self.detector in DETECTORS, "model.detector", f"must be one of {list(DETECTORS)}")
+        require(self.fpn_channels >= 8, "model.fpn_channels", "must be >= 8")
+        require(self.detector != "fcos" or self.fpn_channels % 32 == 0, "model.fpn_channels",
+                "must be a multiple of 32 for fcos (its heads use GroupNorm with 32 groups)")
+        require(self.anchor_scale >= 0, "model.anchor_scale", "must be >= 0 (0 = auto)")
+        require(0.0 <= self.score_thresh < 1.0, "model.score_thresh", "must be in [0, 1)")
+        require(0.0 < self.nms_thresh <= 1.0, "model.nms_thresh", "must be in (0, 1]")
+        require(self.detections_per_image >= 1, "model.detections_per_image", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DetectionSourceSection:
+    checkpoint_url: str = doc("source checkpoint dir (contract 2, a classification backbone); registry URIs "
+                              "are resolved by the CLI", "")
+    source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
+                          "set by the CLI", "")
+    mode: Literal["full", "linear"] = doc("full: train everything | linear: freeze the backbone body "
+                                          "(FPN and heads train)", "full")
+    scratch: bool = doc("the same detector from random weights (the checkpoint gives architecture and "
+                        "preprocessing only): the baseline of the transfer table", False)
+
+    def validate(self) -> None:
+        require(self.mode in DETECTION_MODES, "finetune.mode",
+                f"must be one of {list(DETECTION_MODES)} for detection (lp-ft is classification only)")
+        require(not (self.scratch and self.mode == "linear"), "finetune.scratch",
+                "a frozen random backbone (finetune.mode=linear) is not a baseline; use mode full")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: DetectionModelSection = field(default_factory=DetectionModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    log: LogSection = field(default_factory=LogSection)
+    finetune: DetectionSourceSection = field(default_factory=DetectionSourceSection)
+
+    def validate(self) -> None:
+        pass
+
+    def check_runnable(self) -> None:
+        """The fields a run needs that may be left empty in a YAML template."""
+        require(bool(self.finetune.checkpoint_url), "finetune.checkpoint_url", "required (--checkpoint)")
+        require(bool(self.data.url), "data.url", "required (--train)")
+        require(bool(self.checkpoint.url), "checkpoint.url", "required: the run dir (--out or --set checkpoint.url=DIR)")

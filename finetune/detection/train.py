@@ -1,0 +1,287 @@
+"""Fine-tune a detector (Faster R-CNN FPN, RetinaNet or FCOS) on a megaclass backbone checkpoint.
+
+    megaclass finetune --task detection --checkpoint CKPT --train train.json --val val.json --out RUN
+    python -m finetune.detection.train --set finetune.checkpoint_url=CKPT --set data.url=train.json ...
+
+Plain PyTorch like classification fine-tuning: `finetune_detection(cfg)` runs in one process, under
+torchrun, or inside Ray Train's TorchTrainer (`finetune_detection_from_dict`). The reader streams
+the detection dataset (images resized to data.image_size square, boxes with them, seeded flips),
+DDP averages gradients, validation mAP (pycocotools, rank 0) picks the best step and stops early,
+RUN/step-*/ are resumable, RUN/final/ is the best detector as a contract-2 checkpoint with
+`megaclass.task = detection` (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
+from data_pipeline.dataset import DatasetError, manifest_sha256
+from data_pipeline.detection import DetectionDecoder
+from data_pipeline.reader import create_loader
+from finetune.detection.config import DetectionConfig
+from finetune.detection.data import DetectionData, prepare_detection_data
+from finetune.detection.evaluate import coco_metrics, run_detection
+from finetune.detection.model import (DetectorSpec, create_detector, set_body_frozen, set_train_mode, to_targets)
+from finetune.evaluate import preprocessing
+from finetune.rundir import RunDir, read_state, state_writer
+from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+
+log = logging.getLogger(__name__)
+HFLIP = 0.5
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    best_map: float = -1.0
+    best_step: int = -1
+    bad_evals: int = 0
+
+
+@dataclass
+class _Run:
+    cfg: DetectionConfig
+    ranks: DistInfo
+    source: LoadedCheckpoint
+    data: DetectionData
+    spec: DetectorSpec
+    run: RunDir
+    report: object
+    steps_per_epoch: int
+    total_steps: int
+
+
+def check_source(cfg: DetectionConfig, source: LoadedCheckpoint) -> None:
+    if source.task != "classification":
+        raise CheckpointError(f"{source.url}: a {source.task} checkpoint; detection fine-tuning starts from a "
+                              "classification backbone checkpoint (pretrain's, or a classification fine-tune's)")
+    if cfg.model.arch and cfg.model.arch != source.arch:
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")
+
+
+def check_detection_inputs(cfg: DetectionConfig) -> DetectionData:
+    """What a launcher checks before starting workers: checkpoint, arch, data (ingesting COCO JSON once)."""
+    cfg.check_runnable()
+    check_source(cfg, load_checkpoint(cfg.finetune.checkpoint_url))
+    return prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
+                                  cache_url=cfg.data.cache_url)
+
+
+def create_optimizer_and_schedule(cfg: DetectionConfig, model: nn.Module, total_steps: int):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    o = cfg.optim
+    optimizer = create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    warmup = min(o.warmup_steps, max(0, total_steps - 1))
+    schedule = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=warmup,
+                                 warmup_lr_init=o.warmup_lr, t_in_epochs=False)
+    return optimizer, schedule
+
+
+def train_step(model, optimizer, batch, *, cfg: DetectionConfig, device: torch.device) -> dict[str, float]:
+    images = [im.to(device, non_blocking=True).float().div_(255) for im in batch.images]
+    targets = to_targets(batch.targets, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else nullcontext()
+    with autocast:
+        losses = model(images, targets)
+    loss = sum(v.float() for v in losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip_norm > 0:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip_norm)
+    optimizer.step()
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+
+
+def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, report=None) -> dict:
+    """Train the detector `cfg` describes; returns a summary (final_url, best_map, ...)."""
+    cfg.check_runnable()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ranks = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
+    if cfg.train.global_batch_size % ranks.world_size:
+        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
+                          f"{ranks.world_size} ranks")
+    source = load_checkpoint(cfg.finetune.checkpoint_url)
+    check_source(cfg, source)
+    if ranks.is_main:  # rank 0 ingests COCO JSON; the others then find it in the cache
+        data = prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
+                                      cache_url=cfg.data.cache_url)
+    barrier(ranks)
+    if not ranks.is_main:
+        data = prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
+                                      cache_url=cfg.data.cache_url)
+    size, _, mean, std = preprocessing(source.pretrained_cfg, cfg.data.image_size)
+    m = cfg.model
+    spec = DetectorSpec(m.detector, len(data.class_names), size, m.fpn_channels, m.anchor_scale, m.score_thresh,
+                        m.nms_thresh, m.detections_per_image, tuple(mean), tuple(std))
+    model, spec = create_detector(spec, source.arch, source.model_args, seed=cfg.train.seed, source_url=source.url,
+                                  backbone_state=None if cfg.finetune.scratch else source.state_dict)
+    model.to(ranks.device)
+    steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size
+    if steps_per_epoch < 1:
+        raise DatasetError(f"{cfg.data.url}: {data.num_train_samples} training images are fewer than one global "
+                           f"batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    run.write_config(cfg)
+    ctx = _Run(cfg, ranks, source, data, spec, run, report, steps_per_epoch, total)
+    progress, optimizer_state = _resume(run, model)
+    frozen = cfg.finetune.mode == "linear"
+    set_body_frozen(model, frozen)
+    wrapped = model
+    if ranks.world_size > 1:
+        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer, schedule = create_optimizer_and_schedule(cfg, model, total)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    schedule.step_update(progress.step)
+    stopped = _train(ctx, model, wrapped, optimizer, schedule, progress, frozen)
+    summary = {"final_url": run.final_url, "best_map": progress.best_map, "best_step": progress.best_step,
+               "steps": progress.step, "stopped_early": stopped, "num_classes": len(data.class_names),
+               "num_train_samples": data.num_train_samples, "detector": spec.name, "scratch": cfg.finetune.scratch}
+    if ranks.is_main:
+        best = load_checkpoint(run.best_url)
+        _save(ctx, run.final_url, best.state_dict, progress, extra={"selected_step": progress.best_step})
+        run.log({"step": progress.step, "event": "final", "best_val_map": progress.best_map,
+                 "best_step": progress.best_step})
+    barrier(ranks)
+    run.close()
+    return summary
+
+
+def _train(ctx: _Run, model, wrapped, optimizer, schedule, progress: Progress, frozen: bool) -> bool:
+    """Steps from progress.step to the total; True when early stopping ended the run."""
+    cfg, ranks = ctx.cfg, ctx.ranks
+    bpr = cfg.train.global_batch_size // ranks.world_size
+    decoder = DetectionDecoder(ctx.spec.image_size, hflip=HFLIP, num_classes=len(ctx.data.class_names))
+    t0, images_seen, stop = time.perf_counter(), 0, False
+    while progress.step < ctx.total_steps and not stop:
+        epoch, skip = divmod(progress.step, ctx.steps_per_epoch)
+        loader = create_loader(ctx.data.train_url, ctx.data.train_split, batch_size_per_rank=bpr, rank=ranks.rank,
+                               world_size=ranks.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                               epoch=epoch, shuffle_buffer=cfg.data.shuffle_buffer, decoder=decoder,
+                               samples_per_epoch=ctx.steps_per_epoch * cfg.train.global_batch_size,
+                               skip_batches=skip)
+        set_train_mode(model, body_frozen=frozen)
+        for batch in loader:
+            losses = train_step(wrapped, optimizer, batch, cfg=cfg, device=ranks.device)
+            progress.step += 1
+            images_seen += len(batch.keys) * ranks.world_size
+            schedule.step_update(progress.step)
+            if progress.step % cfg.log.every_steps == 0:
+                run_record = {"step": progress.step, "train_loss": losses["loss"],
+                              "lr": max(g["lr"] for g in optimizer.param_groups),
+                              "images_per_s": images_seen / (time.perf_counter() - t0)}
+                ctx.run.log(run_record | {f"loss_{k}": v for k, v in losses.items() if k != "loss"})
+            every = cfg.train.eval_every_steps
+            end_of_epoch = progress.step % ctx.steps_per_epoch == 0
+            if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == ctx.total_steps:
+                stop = _validate(ctx, model, progress)
+                set_train_mode(model, body_frozen=frozen)
+            if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0 and not stop:
+                _save_step(ctx, model, optimizer, progress)
+            if stop or progress.step >= ctx.total_steps:
+                break
+    return stop
+
+
+def _validate(ctx: _Run, model: nn.Module, progress: Progress) -> bool:
+    """Rank 0 scores the val split (COCO mAP); every rank learns it. True = stop (patience exhausted)."""
+    cfg, ranks = ctx.cfg, ctx.ranks
+    metrics = [0.0, 0.0, 0.0]
+    if ranks.is_main:
+        loader = create_loader(ctx.data.val_url, ctx.data.val_split,
+                               batch_size_per_rank=max(1, cfg.train.global_batch_size // ranks.world_size),
+                               num_workers=cfg.data.num_workers, decoder=DetectionDecoder(ctx.spec.image_size),
+                               shuffle=False, drop_last=False)
+        truths, detections, _ = run_detection(model, loader, device=ranks.device, targets_map=ctx.data.val_targets,
+                                              bf16=cfg.train.precision == "bf16")
+        result = coco_metrics(truths, detections, ctx.data.class_names, ctx.spec.image_size)
+        metrics = [result["map"], result["map_50"], result["map_75"]]
+    val_map, map_50, map_75 = broadcast_object(metrics, ranks)
+    if val_map > progress.best_map:
+        progress.best_map, progress.best_step, progress.bad_evals = val_map, progress.step, 0
+        if ranks.is_main:
+            _save(ctx, ctx.run.best_url, model.state_dict(), progress)
+    else:
+        progress.bad_evals += 1
+    record = {"step": progress.step, "val_map": val_map, "val_map_50": map_50, "val_map_75": map_75,
+              "best_val_map": progress.best_map}
+    ctx.run.log(record)
+    log.info("step %d: val mAP %.4f mAP@.5 %.4f (best %.4f at step %d)", progress.step, val_map, map_50,
+             progress.best_map, progress.best_step)
+    if ctx.report is not None:
+        ctx.report(record)
+    barrier(ranks)
+    return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
+
+
+def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run.url)
+    if latest is None:
+        return Progress(), None
+    state = read_state(latest)
+    model.load_state_dict(load_checkpoint(latest).state_dict)
+    log.info("resuming from %s (step %d)", latest, state["step"])
+    progress = Progress(int(state["step"]), float(state["best_map"]), int(state["best_step"]), int(state["bad_evals"]))
+    return progress, state["optimizer"]
+
+
+def _save(ctx: _Run, url: str, state_dict: dict, progress: Progress, *, extra: dict | None = None,
+          write_train_state=None) -> str:
+    names = ctx.data.class_names
+    size = ctx.spec.image_size
+    pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, size, size], num_classes=len(names))
+    ft = ctx.cfg.finetune
+    block = {"kind": "finetune", "task": "detection", "detector": ctx.spec.as_dict(), "step": progress.step,
+             "epoch": progress.step // ctx.steps_per_epoch, "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url),
+             "config": to_dict(ctx.cfg), "metrics": {"val_map": progress.best_map, "best_step": progress.best_step},
+             "finetuned_from": {"url": ft.checkpoint_url, "uri": ft.source_uri or ft.checkpoint_url,
+                                "arch": ctx.source.arch, "step": ctx.source.megaclass.get("step"),
+                                "scratch": ft.scratch}}
+    block.update(extra or {})
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return save_checkpoint(url, state_dict=state, arch=ctx.source.arch, num_classes=len(names), class_names=names,
+                           pretrained_cfg=pretrained_cfg, megaclass=block, write_train_state=write_train_state,
+                           model_args=ctx.source.model_args)
+
+
+def _save_step(ctx: _Run, model: nn.Module, optimizer, progress: Progress) -> None:
+    if ctx.ranks.is_main:
+        state = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
+                 "bad_evals": progress.bad_evals, "optimizer": optimizer.state_dict()}
+        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress, write_train_state=state_writer(state))
+        ctx.run.prune(ctx.cfg.checkpoint.keep)
+    barrier(ctx.ranks)
+
+
+def finetune_detection_from_dict(cfg_dict: dict, report=None) -> dict:
+    """Entry point for cluster.runtime's TorchTrainer: the resolved config as a plain dict."""
+    return finetune_detection(from_dict(DetectionConfig, cfg_dict), report=report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = finetune_detection(load_config(DetectionConfig, args.config, args.overrides))
+    print(f"final model: {summary['final_url']} (val mAP {summary['best_map']:.4f} at step {summary['best_step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -98,12 +98,13 @@ def state_writer(counters: dict, optimizer_state: dict) -> Callable[[str], None]
     return write
 
 
-def read_state(ckpt_url: str) -> dict:
-    """The train state of a step checkpoint: counters, and "optimizer" as an optimizer state_dict."""
+def read_state(ckpt_url: str, counters: tuple[str, ...]) -> dict:
+    """The train state of a step checkpoint: the named `counters` (numbers), and "optimizer" as an
+    optimizer state_dict. Anything else is refused with a CheckpointError naming the file."""
     url = join(ckpt_url, TRAIN_STATE_DIR)
     tensors, info = load_state(url)
     try:
-        optimizer = info.pop("optimizer")
+        optimizer = info["optimizer"]
         state: dict[int, dict] = {}
         for index, slots in optimizer["scalars"].items():
             state.setdefault(int(index), {}).update(slots)
@@ -112,13 +113,14 @@ def read_state(ckpt_url: str) -> dict:
             if prefix != "optim":
                 raise ValueError(f"unexpected entry {key!r}")
             state.setdefault(int(index), {})[slot] = value
-        for key in ("step", "phase", "best_step", "bad_evals"):
-            info[key] = int(info[key])
-        info["best_top1"] = float(info["best_top1"])
+        out = {key: info[key] for key in counters}
+        bad = [k for k, v in out.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise ValueError(f"{bad[0]} is not a number")
         # JSON has no tuples: hyper-parameters such as betas were tuples; "params" is a list of ids.
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
                   for group in optimizer["param_groups"]]
-        info["optimizer"] = {"state": state, "param_groups": groups}
+        out["optimizer"] = {"state": state, "param_groups": groups}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{join(url, STATE_JSON_FILE)}: not a finetune train state ({exc!r})") from None
-    return info
+        raise CheckpointError(f"{join(url, STATE_JSON_FILE)}: not a fine-tuning train state ({exc!r})") from None
+    return out

@@ -96,7 +96,7 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
     latest = latest_checkpoint(cfg.checkpoint.url)
     if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
         verify_checkpoint(latest)
-        read_state(latest)
+        read_state(latest, STATE_COUNTERS)
     data = prepare_data(cfg, DistInfo())
     return fit_to_data(cfg, data, cfg.scaling.num_workers), data
 
@@ -107,6 +107,9 @@ def fit_to_data(cfg: FinetuneConfig, data: DataPlan, world_size: int) -> Finetun
     if notice:
         log.warning("%s", notice)
     return resolve_optim(cfg, data.num_train_samples)
+
+
+STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json
 
 
 @dataclass
@@ -242,7 +245,7 @@ def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
     latest = latest_checkpoint(run.url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))

@@ -59,7 +59,9 @@ WEIGHTS_FILE = "model.safetensors"
 CLASSES_FILE = "classes.parquet"
 SUMS_FILE = "SHA256SUMS"
 TRAIN_STATE_DIR = "train_state"
-CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)  # all of a checkpoint without train_state/
+# The only other files a checkpoint may hold: directly inside train_state/, no '..', no sub-folders.
+TRAIN_STATE_FILE_RE = re.compile(r"train_state/(?!\.\.?$)[A-Za-z0-9._-]{1,128}")
 CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string())])
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 STATE_JSON_FILE = "state.json"  # train_state/ counters that are not tensors
@@ -201,9 +203,11 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
             with tempfile.TemporaryDirectory() as tmp:
                 write_train_state(tmp)
                 fs.put(tmp.rstrip("/") + "/", _join(stage_path, TRAIN_STATE_DIR), recursive=True)
-    sums = "".join(f"{_sha256(fs, _join(stage_path, rel))}  {rel}\n"
-                   for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE)
-    _write(fs, _join(stage_path, SUMS_FILE), sums.encode())  # last: marks the checkpoint complete
+    sums = {rel: _sha256(fs, _join(stage_path, rel)) for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE}
+    stray = sorted(rel for rel in sums if not is_checkpoint_file(rel))
+    if stray:  # a reader would refuse it: fail now, at the writer
+        raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")
+    _write(fs, _join(stage_path, SUMS_FILE), format_sums(sums))  # last: marks the checkpoint complete
     if _is_local(fs):
         _commit_local(stage_path, _fs(url)[1].rstrip("/"))
     return url
@@ -223,17 +227,34 @@ def _commit_local(staging: str, target: str) -> None:
 
 # -- reading --------------------------------------------------------------------------------------
 
+def is_checkpoint_file(rel: str) -> bool:
+    """True for a relative path of the contract-2 layout (so a listed path can never leave the folder)."""
+    return rel in CHECKPOINT_FILES[:-1] or bool(TRAIN_STATE_FILE_RE.fullmatch(rel))
+
+
+def format_sums(sums: dict[str, str]) -> bytes:
+    """SHA256SUMS content: `sha256sum` lines, sorted by path."""
+    return "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items())).encode()
+
+
+def parse_sums(data: bytes, where: str) -> dict[str, str]:
+    """SHA256SUMS content -> {relative path: sha256}; anything but lines format_sums writes, naming a
+    file of the layout once, is refused with a CheckpointError naming `where` and the line."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not is_checkpoint_file(rel) or rel in sums:
+            raise CheckpointError(f"{where}: line {number} is not '<sha256>  <file of the checkpoint layout>': "
+                                  f"{line[:80]!r}")
+        sums[rel] = digest
+    return sums
+
+
 def _read_sums(fs, root: str, url: str) -> dict[str, str]:
     sums_path = _join(root, SUMS_FILE)
     if not fs.exists(sums_path):
         raise CheckpointError(f"{_join(url, SUMS_FILE)}: missing (not a checkpoint, or an incomplete one)")
-    sums: dict[str, str] = {}
-    for number, line in enumerate(fs.cat_file(sums_path).decode("utf-8", "replace").splitlines(), 1):
-        digest, sep, rel = line.partition("  ")
-        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not rel or rel.startswith(("/", "..")):
-            raise CheckpointError(f"{_join(url, SUMS_FILE)}: line {number} is malformed: {line[:80]!r}")
-        sums[rel] = digest
-    return sums
+    return parse_sums(fs.cat_file(sums_path), _join(url, SUMS_FILE))
 
 
 def verify_checkpoint(url: str) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def _grad_case(dist: DistInfo, seed: int, num_classes: int, eps: float, mixup, u
                for p, p_ref in zip(backbone.parameters(), backbone_ref.parameters())]
     norm = clip_grad_norm_(backbone.parameters(), head.parameters(), 0.5, dist)
     norm_ref = nn.utils.clip_grad_norm_([*backbone_ref.parameters(), *linear_ref.parameters()], 0.5)
-    errors += [abs(norm - norm_ref.item()),
+    errors += [abs(norm.item() - norm_ref.item()),
                (gather_rows(head.weight.grad, num_classes, dist) - linear_ref.weight.grad).abs().max().item()]
     dense = head.to_dense()
     errors += [(dense.weight - linear_ref.weight).abs().max().item()]
@@ -121,7 +121,11 @@ def _state_case(dist: DistInfo):
     back.load_full_state({k: v * 2 for k, v in resharded.state_dict().items()})  # 1 -> 2
     roundtrip = torch.equal(back.full_state()["weight"], full["weight"] * 2)
     sizes = (head.weight.shape[0], back.bias.shape[0])
-    return same_init and torch.equal(resharded.weight, single.weight) and roundtrip and sizes == ((4, 4), (3, 3))[dist.rank]
+    on_rank_0 = head.full_state(dst=0)  # the export path: only rank 0 receives the head
+    to_rank_0 = (on_rank_0.keys() == full.keys() and all(torch.equal(on_rank_0[k], full[k]) for k in full)
+                 if dist.rank == 0 else on_rank_0 == {})
+    return (same_init and torch.equal(resharded.weight, single.weight) and roundtrip and to_rank_0
+            and sizes == ((4, 4), (3, 3))[dist.rank])
 
 
 def _sampled_case(dist: DistInfo):

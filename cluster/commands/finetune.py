@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (a checkpoint, dataset, registry URI or export) rather than a bug."""
     from cluster.registry import RegistryError
+    from cluster.signing import SignatureError
     from finetune.export import ExportError
     from pretrain.checkpoint import CheckpointError
 
-    return CheckpointError, DatasetError, RegistryError, ExportError
+    return CheckpointError, DatasetError, RegistryError, SignatureError, ExportError
 
 
 def run_reporting_errors(command: str, body) -> int:
@@ -45,10 +46,12 @@ def run_reporting_errors(command: str, body) -> int:
         return 1
 
 
-def resolve_model_uri(uri: str, registry: str | None) -> str:
+def resolve_model_uri(uri: str, registry: str | None, trust: list[str] = ()) -> str:
+    """A registry URI -> verified local folder; with `trust` (public key files) also signed by one of them."""
     from cluster.registry import resolve_checkpoint_uri
+    from cluster.signing import load_public_key
 
-    return resolve_checkpoint_uri(uri, registry)
+    return resolve_checkpoint_uri(uri, registry, trust=[load_public_key(path) for path in trust])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
+    parser.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                        help="PEM Ed25519 public key (repeatable): the checkpoint must be a registry version "
+                             "signed by one of them")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray for the command)")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (single rank, or torchrun)")
     parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
@@ -108,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry,
+                                                                 args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url},
                 "data": {"url": resolve_dataset(cfg.data.url, cfg.data.cache_url)}}
     if cfg.data.val_url:

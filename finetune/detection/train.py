@@ -60,6 +60,9 @@ class _Run:
     total_steps: int
 
 
+STATE_COUNTERS = ("step", "best_map", "best_step", "bad_evals")  # train_state/state.json
+
+
 def check_source(cfg: DetectionConfig, source: LoadedCheckpoint) -> None:
     if source.task != "classification":
         raise CheckpointError(f"{source.url}: a {source.task} checkpoint; detection fine-tuning starts from a "
@@ -72,6 +75,10 @@ def check_detection_inputs(cfg: DetectionConfig) -> DetectionData:
     """What a launcher checks before starting workers: checkpoint, arch, data (ingesting COCO JSON once)."""
     cfg.check_runnable()
     check_source(cfg, load_checkpoint(cfg.finetune.checkpoint_url))
+    latest = latest_checkpoint(cfg.checkpoint.url)
+    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
+        load_checkpoint(latest)
+        read_state(latest, STATE_COUNTERS)
     return prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
                                   cache_url=cfg.data.cache_url)
 
@@ -232,7 +239,7 @@ def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
     latest = latest_checkpoint(run.url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_map"]), int(state["best_step"]), int(state["bad_evals"]))
@@ -260,9 +267,10 @@ def _save(ctx: _Run, url: str, state_dict: dict, progress: Progress, *, extra: d
 
 def _save_step(ctx: _Run, model: nn.Module, optimizer, progress: Progress) -> None:
     if ctx.ranks.is_main:
-        state = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
-                 "bad_evals": progress.bad_evals, "optimizer": optimizer.state_dict()}
-        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress, write_train_state=state_writer(state))
+        counters = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
+                    "bad_evals": progress.bad_evals}
+        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress,
+              write_train_state=state_writer(counters, optimizer.state_dict()))
         ctx.run.prune(ctx.cfg.checkpoint.keep)
     barrier(ctx.ranks)
 

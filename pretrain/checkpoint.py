@@ -163,6 +163,12 @@ def _sha256(fs, path: str) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(url: str) -> str:
+    """sha256 hex digest of one file at any fsspec URL (streamed)."""
+    fs, path = _fs(url)
+    return _sha256(fs, path)
+
+
 def _relative_files(fs, root: str) -> list[str]:
     root = root.rstrip("/")
     return sorted(posixpath.relpath(p, root) for p in fs.find(root))
@@ -171,14 +177,17 @@ def _relative_files(fs, root: str) -> list[str]:
 def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str, num_classes: int,
                     class_names: list[str], pretrained_cfg: dict[str, Any], megaclass: dict[str, Any],
                     write_train_state: Callable[[str], None] | None = None,
-                    model_args: dict[str, Any] | None = None, staging: str | None = None) -> str:
+                    model_args: dict[str, Any] | None = None, staging: str | None = None,
+                    known_sums: dict[str, str] | None = None) -> str:
     """Write a contract-2 checkpoint at `url` atomically; returns `url`.
 
     state_dict: the full model in timm naming (backbone + classifier). pretrained_cfg: input_size,
     mean, std, interpolation, crop_pct. megaclass: step, epoch, dataset manifest sha256, config,
     metrics (format_version is added). write_train_state(dir) writes train_state/ into a local dir.
     staging: a URL from `begin_checkpoint(url)` that already holds train_state/ (written by every
-    rank); default: a fresh one.
+    rank); default: a fresh one. known_sums: {relative path: sha256} of files already in staging,
+    hashed by whoever wrote them (each rank its train_state/ shard); only files neither in it nor
+    written here are read back to be hashed.
     """
     if len(class_names) != num_classes:
         raise CheckpointError(f"{url}: {len(class_names)} class names for {num_classes} classes")
@@ -187,15 +196,20 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     model_args = dict(model_args or {})
     model_args.pop("num_classes", None)
     block = {"format_version": FORMAT_VERSION, **megaclass}
-    _write(fs, _join(stage_path, CONFIG_FILE),
-           _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
+    known = dict(known_sums or {})
+
+    def write_hashed(rel: str, data: bytes) -> None:  # hashed as written, never read back
+        known[rel] = hashlib.sha256(data).hexdigest()
+        _write(fs, _join(stage_path, rel), data)
+
+    write_hashed(CONFIG_FILE, _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _write(fs, _join(stage_path, WEIGHTS_FILE), save_safetensors(tensors))
+    write_hashed(WEIGHTS_FILE, save_safetensors(tensors))
     table = pa.table({"id": pa.array(range(num_classes), pa.int32()), "name": pa.array(class_names, pa.string())},
                      schema=CLASSES_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _write(fs, _join(stage_path, CLASSES_FILE), buf.getvalue())
+    write_hashed(CLASSES_FILE, buf.getvalue())
     if write_train_state is not None:
         if _is_local(fs):
             write_train_state(_join(stage_path, TRAIN_STATE_DIR))
@@ -203,7 +217,8 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
             with tempfile.TemporaryDirectory() as tmp:
                 write_train_state(tmp)
                 fs.put(tmp.rstrip("/") + "/", _join(stage_path, TRAIN_STATE_DIR), recursive=True)
-    sums = {rel: _sha256(fs, _join(stage_path, rel)) for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE}
+    sums = {rel: known[rel] if rel in known else _sha256(fs, _join(stage_path, rel))
+            for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE}
     stray = sorted(rel for rel in sums if not is_checkpoint_file(rel))
     if stray:  # a reader would refuse it: fail now, at the writer
         raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")

@@ -177,6 +177,15 @@ def gather(x: torch.Tensor, dist: DistInfo, dst: int = 0) -> torch.Tensor | None
     return torch.cat(parts)
 
 
+def gather_object(obj: Any, dist: DistInfo, dst: int = 0) -> list[Any] | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank `dst`, None elsewhere (small picklable things)."""
+    if not dist.is_distributed:
+        return [obj]
+    box = [None] * dist.world_size if dist.rank == dst else None
+    torch_dist.gather_object(obj, box, dst=dst)
+    return box
+
+
 def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     """Send a picklable object from rank `src` to every rank (small things: paths, configs, seeds)."""
     if not dist.is_distributed:

@@ -9,6 +9,7 @@ in pretrain.train.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from data_pipeline.reader import Loader, create_loader, dataset_info
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_random_erasing
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
-from pretrain.dist import DistInfo, barrier, sync_buffers
+from pretrain.dist import DistInfo, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
 from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
@@ -211,10 +212,13 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
         torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * run.progress.step)
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        # broadcast_buffers=False: no broadcast of BatchNorm statistics before every forward; each rank
-        # keeps its own and sync_buffers averages them before evaluating and checkpointing.
-        run.model = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids, broadcast_buffers=False,
-                                                        gradient_as_bucket_view=True)
+        # No broadcast of BatchNorm statistics before every forward (rank 0's are still copied once, at
+        # construction): each rank keeps its own and Run.sync_buffers averages them before evaluating and
+        # checkpointing. torch 2.14 renamed the switch; older releases know only broadcast_buffers.
+        ddp_class = nn.parallel.DistributedDataParallel
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(ddp_class).parameters else {"broadcast_buffers": False})
+        run.model = ddp_class(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
     if cfg.train.compile:
         # The DDP-wrapped model is compiled (not the backbone inside it), so dynamo's DDP optimizer splits
         # the graph at bucket boundaries and gradient all-reduces still overlap the backward.
@@ -253,9 +257,20 @@ def _resume(run: Run) -> bool:
     """Load the newest run checkpoint (if any); True when the RNG state was restored too."""
     cfg, dist = run.cfg, run.dist
     rng_restored = False
-    latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
+    # Rank 0 picks and verifies the checkpoint once (reading every file) and tells the others: every
+    # rank resumes from the same one, and a damaged one fails on every rank with the same error.
+    latest, error = None, None
+    if dist.is_main and cfg.checkpoint.resume:
+        latest = ckpt.latest_checkpoint(cfg.checkpoint.url)
+        try:
+            if latest is not None:
+                ckpt.verify_checkpoint(latest)
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    latest, error = broadcast_object((latest, error), dist)
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     if latest is not None:
-        ckpt.verify_checkpoint(latest)
         saved = load_train_state(posixpath.join(latest, ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
                                  optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
@@ -300,8 +315,9 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
     if dist.is_main:
         ckpt.begin_checkpoint(step_url)
     barrier(dist)
-    save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
-                     head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress, dist=dist)
+    state_sums = save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR),
+                                  backbone=run.backbone, head=run.head, optimizer=run.optimizer, ema=run.ema,
+                                  progress=run.progress, dist=dist)
     head_state = run.head.full_state(dst=0)  # only rank 0 writes the model
     if dist.is_main:
         kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
@@ -313,7 +329,7 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
                                  "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
                                  "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics,
                                  "augmentation": cfg.data.as_dict()})
-        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), **kwargs)
+        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), known_sums=state_sums, **kwargs)
         ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
         if final:
             ckpt.save_checkpoint(posixpath.join(run_url, FINAL_DIR), **kwargs)

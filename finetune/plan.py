@@ -59,7 +59,7 @@ def resolve_optim(cfg: FinetuneConfig, num_train_samples: int) -> FinetuneConfig
     """
     o = cfg.optim
     small = num_train_samples < SMALL_DATA_SAMPLES
-    total = cfg.train.max_steps or cfg.train.epochs * max(1, num_train_samples // cfg.train.global_batch_size)
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * max(1, num_train_samples // cfg.train.global_batch_size))
     updates = {}
     if o.layer_decay < 0:
         updates["layer_decay"] = 1.0 if small else 0.75
@@ -71,7 +71,7 @@ def resolve_optim(cfg: FinetuneConfig, num_train_samples: int) -> FinetuneConfig
 
 
 def plan_phases(cfg: FinetuneConfig, steps_per_epoch: int) -> list[Phase]:
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     ft = cfg.finetune
     lp_lr = ft.lp_lr or cfg.optim.lr * 10
     if ft.mode == "full":

@@ -32,9 +32,10 @@ from finetune.data import check_train_classes, label_map, pick_split, resolve_da
 from finetune.evaluate import preprocessing, run_eval
 from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
 from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers, plan_phases, resolve_optim
-from finetune.rundir import RunDir, read_state, state_writer
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def create_criterion_and_mixup(cfg: FinetuneConfig, num_classes: int):
     lossc = cfg.loss
     if lossc.mixup > 0 or lossc.cutmix > 0:
         mixup = Mixup(mixup_alpha=lossc.mixup, cutmix_alpha=lossc.cutmix, prob=lossc.mix_prob,
-                      label_smoothing=lossc.label_smoothing, num_classes=num_classes)
+                      switch_prob=lossc.switch_prob, label_smoothing=lossc.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
     return nn.CrossEntropyLoss(label_smoothing=lossc.label_smoothing), None
 
@@ -198,9 +199,9 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     bpr = cfg.train.global_batch_size // ranks.world_size
     steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size  # >= 1: the batch fits the data
     phases = plan_phases(cfg, steps_per_epoch)
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    progress, opt_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
+    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, start_step=progress.step, tensorboard=cfg.log.tensorboard)
     run.write_config(cfg)
-    progress, opt_state = _resume(run, model)
     size, _, mean, std = preprocessing(source.pretrained_cfg, cfg.data.image_size)
     ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr,
                    loader_workers(cfg, data.num_train_samples, ranks.world_size), size, mean, std)
@@ -218,8 +219,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     if ranks.is_main:
         best = load_checkpoint(run.best_url)
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
-        run.log({"step": progress.step, "event": "final", "best_val_top1": progress.best_top1,
-                 "best_step": progress.best_step})
+        run.log(progress.step, {EVENT: "final", BEST_EVAL_TOP1: progress.best_top1, "best_step": progress.best_step})
     barrier(ranks)
     run.close()
     return summary
@@ -241,8 +241,8 @@ class _Context:
     std: tuple
 
 
-def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run.url)
+def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
     state = read_state(latest, STATE_COUNTERS)
@@ -282,9 +282,8 @@ def _run_phase(ctx: _Context, model: nn.Module, phase: Phase, index: int, progre
         images_seen += len(batch.labels) * ranks.world_size
         schedule.step_update(progress.step - phase.start)
         if progress.step % cfg.log.every_steps == 0:
-            run.log({"step": progress.step, "phase": phase.name, "train_loss": loss,
-                     "lr": max(g["lr"] for g in optimizer.param_groups),
-                     "images_per_s": images_seen / (time.perf_counter() - t0)})
+            run.log(progress.step, {"phase": phase.name, LOSS: loss, LR: max(g["lr"] for g in optimizer.param_groups),
+                                    IMAGES_PER_S: images_seen / (time.perf_counter() - t0)})
         if (progress.step - phase.start) % every == 0 or progress.step == phase.end:
             stop = _validate(ctx, model, phase, progress)
             set_train_mode(model, backbone_frozen=phase.frozen)
@@ -330,12 +329,11 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
             _save(ctx.run.best_url, model.state_dict(), ctx, progress)
     else:
         progress.bad_evals += 1
-    ctx.run.log({"step": progress.step, "phase": phase.name, "val_top1": top1, "val_top5": top5,
-                 "best_val_top1": progress.best_top1})
+    ctx.run.log(progress.step, {"phase": phase.name, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     log.info("step %d (%s): val top-1 %.4f top-5 %.4f (best %.4f at step %d)", progress.step, phase.name,
              top1, top5, progress.best_top1, progress.best_step)
     if ctx.report is not None:
-        ctx.report({"step": progress.step, "val_top1": top1, "val_top5": top5, "best_val_top1": progress.best_top1})
+        ctx.report({"step": progress.step, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     barrier(ranks)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
@@ -343,7 +341,7 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
 def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = None) -> dict:
     block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
              "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
-             "metrics": {"val_top1": progress.best_top1, "best_step": progress.best_step},
+             "metrics": {EVAL_TOP1: progress.best_top1, "best_step": progress.best_step},
              "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
                                 ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
                                 "step": ctx.source.megaclass.get("step"),

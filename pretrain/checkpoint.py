@@ -4,7 +4,7 @@
     CKPT/model.safetensors  the whole model in timm's state-dict naming (sharded head gathered)
     CKPT/classes.parquet    the label vocabulary: id:int32, name:string
     CKPT/train_state/       run checkpoints only: torch.distributed.checkpoint (DCP) files holding tensors
-                            only, plus state.json for counters (pretrain.train_state, finetune.rundir)
+                            only, plus state.json for counters (pretrain.train_state, finetune.train_state)
     CKPT/SHA256SUMS         "sha256  relative/path" for every other file; written last
 
 `timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.

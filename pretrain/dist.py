@@ -118,30 +118,23 @@ def _as_tensor(value: float | int | torch.Tensor, dist: DistInfo) -> torch.Tenso
     return torch.tensor(float(value), dtype=torch.float64, device=dist.device)
 
 
-def _reduce(value, dist: DistInfo, op, mean: bool):
+def _reduce(value, dist: DistInfo, op):
     if not dist.is_distributed:
         return value.detach().clone() if isinstance(value, torch.Tensor) else value
     t = _as_tensor(value, dist)
     torch_dist.all_reduce(t, op=op)
-    if mean:
-        t = t / dist.world_size
     if isinstance(value, torch.Tensor):
         return t.to(value.device)
-    return type(value)(t.item()) if isinstance(value, int) and not mean else float(t.item())
+    return type(value)(t.item()) if isinstance(value, int) else float(t.item())
 
 
 def all_reduce_sum(value: float | int | torch.Tensor, dist: DistInfo):
     """Sum over ranks; returns the same kind (python number or a new tensor, no autograd)."""
-    return _reduce(value, dist, torch_dist.ReduceOp.SUM, mean=False)
-
-
-def all_reduce_mean(value: float | int | torch.Tensor, dist: DistInfo):
-    """Mean over ranks (float for python numbers); for logging metrics from every rank."""
-    return _reduce(value, dist, torch_dist.ReduceOp.SUM, mean=True)
+    return _reduce(value, dist, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: float | int | torch.Tensor, dist: DistInfo):
-    return _reduce(value, dist, torch_dist.ReduceOp.MAX, mean=False)
+    return _reduce(value, dist, torch_dist.ReduceOp.MAX)
 
 
 def all_reduce_(tensor: torch.Tensor, dist: DistInfo, op: str = "sum") -> torch.Tensor:
@@ -193,13 +186,6 @@ def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     box = [obj if dist.rank == src else None]
     torch_dist.broadcast_object_list(box, src=src, device=dist.device if dist.backend == "nccl" else None)
     return box[0]
-
-
-def broadcast_(tensor: torch.Tensor, dist: DistInfo, src: int = 0) -> torch.Tensor:
-    """In-place broadcast of a tensor from rank `src`; returns the tensor."""
-    if dist.is_distributed:
-        torch_dist.broadcast(tensor, src=src)
-    return tensor
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -172,12 +172,6 @@ def sharded_topk_correct(local_logits: torch.Tensor, targets_global: torch.Tenso
     return {k: int(hits[:, :k].any(dim=1).sum().item()) for k in ks}
 
 
-def sharded_argmax(local_logits: torch.Tensor, dist: DistInfo, class_start: int,
-                   class_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Predicted class id per sample of the global batch [B_global], on every rank."""
-    return _global_topk_ids(local_logits, dist, class_start, 1, class_ids)[:, 0]
-
-
 def _global_topk_ids(local_logits, dist, class_start, k, class_ids):
     batch, width = local_logits.shape
     local_k = min(k, width)
@@ -324,16 +318,6 @@ class ShardedClassifierHead(nn.Module):
             if tuple(state[name].shape) != shape:
                 raise ValueError(f"head state '{name}' has shape {tuple(state[name].shape)}, expected {shape}")
             getattr(self, name).copy_(slice_rows(state[name], self.num_classes, self.dist))
-
-    @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear with every class (collective: all ranks call it), e.g. for evaluating
-        on rank 0 alone or for building the published timm model's classifier."""
-        state = self.full_state()
-        linear = nn.Linear(self.num_features, self.num_classes, bias=self.bias is not None,
-                           device=self.weight.device)
-        linear.load_state_dict(state)
-        return linear
 
 
 def clip_grad_norm_(replicated_params, sharded_params, max_norm: float, dist: DistInfo) -> torch.Tensor:

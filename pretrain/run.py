@@ -36,10 +36,10 @@ from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
+from pretrain.rundir import CONFIG_FILE, FINAL_DIR
 from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
 
 log = logging.getLogger(__name__)
-FINAL_DIR = "final"
 
 
 @dataclass
@@ -279,7 +279,7 @@ def _resume(run: Run) -> bool:
         log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
                  saved.world_size, dist.world_size)
     if dist.is_main:
-        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), "config.yaml"), to_yaml(cfg).encode())
+        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), CONFIG_FILE), to_yaml(cfg).encode())
         if cfg.log.sample_keys:
             _truncate_keys(run)
     barrier(dist)

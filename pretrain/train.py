@@ -28,8 +28,9 @@ from data_pipeline.config import ConfigError, from_dict
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.dist import DistInfo, all_gather, all_reduce_max, init_distributed, replica_spread
 from pretrain.head import clip_grad_norm_, sharded_topk_correct
-from pretrain.metrics import MetricsLog, StepTimer, memory_stats, plot_curves
+from pretrain.metrics import StepTimer, memory_stats
 from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
+from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
-    metrics_log = MetricsLog(cfg.checkpoint.url, enabled=dist.is_main, start_step=run.progress.step,
-                             tensorboard=cfg.log.tensorboard)
+    run_dir = RunDir(cfg.checkpoint.url, is_main=dist.is_main, start_step=run.progress.step,
+                     tensorboard=cfg.log.tensorboard)
     if run.resumed_from:  # the record that tells a restart apart from a fresh run (simulate --chaos reads it)
-        metrics_log.write(run.progress.step, {"event": "resume", "checkpoint": run.resumed_from})
+        run_dir.log(run.progress.step, {EVENT: "resume", "checkpoint": run.resumed_from})
     timer, window, last = StepTimer(), [], {}
     with Preemption() as preemption:
         while run.progress.step < run.total_steps:
@@ -54,7 +55,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 window.append(train_step(run, micro_batches))
                 step = run.progress.step
                 if step % cfg.log.every_steps == 0 or step == run.total_steps:
-                    last = log_step(run, metrics_log, timer, window)
+                    last = log_step(run, run_dir, timer, window)
                     window = []
                 # Under Ray Train no handler is installed (not the main thread) on any rank: no collective.
                 stop = preemption.installed and bool(all_reduce_max(float(preemption.requested), dist))
@@ -64,11 +65,11 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                         report({**last, "step": step, "checkpoint": url})
                 if stop:
                     log.warning("stopping at step %d on request (SIGTERM); checkpoint written", step)
-                    metrics_log.close()
+                    run_dir.close()
                     return {**last, "step": step, "preempted": True}
                 if step == run.total_steps:
                     break
-    metrics_log.close()
+    run_dir.close()
     if dist.is_main:
         plot_curves(cfg.checkpoint.url)
     return {**last, "step": run.progress.step, "preempted": False}
@@ -133,16 +134,16 @@ def evaluate(run: Run) -> dict[str, float]:
             counts[5 if k == ks[1] else 1] += hits
         seen += len(targets)
     run.model.train(), run.head.train()
-    return {"eval_top1": counts[1] / max(seen, 1), "eval_top5": counts[5] / max(seen, 1), "eval_samples": seen}
+    return {EVAL_TOP1: counts[1] / max(seen, 1), EVAL_TOP5: counts[5] / max(seen, 1), "eval_samples": seen}
 
 
-def log_step(run: Run, metrics_log: MetricsLog, timer: StepTimer, losses: list[torch.Tensor]) -> dict[str, Any]:
+def log_step(run: Run, run_dir: RunDir, timer: StepTimer, losses: list[torch.Tensor]) -> dict[str, Any]:
     cfg, step = run.cfg, run.progress.step
     elapsed_s, data_s = timer.read()
     images_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed_s, 1e-9)
     values: dict[str, Any] = {
-        "loss": float(torch.stack(losses).mean()) if losses else 0.0, "lr": run.optimizer.param_groups[0]["lr"], "epoch": run.progress.epoch,
-        "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
+        LOSS: float(torch.stack(losses).mean()) if losses else 0.0, LR: max(g["lr"] for g in run.optimizer.param_groups),
+        "epoch": run.progress.epoch, IMAGES_PER_S: images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
         "data_wait_fraction": data_s / max(elapsed_s, 1e-9), **memory_stats(run.dist.device),
         # DDP replicas must stay bit-identical; anything but 0.0 means ranks took different updates.
         "replica_spread": replica_spread(torch.stack([p.detach().double().sum() for p in run.backbone.parameters()]),
@@ -151,7 +152,7 @@ def log_step(run: Run, metrics_log: MetricsLog, timer: StepTimer, losses: list[t
     if step % eval_every == 0 or step == run.total_steps:
         values.update(evaluate(run))
     timer.read()  # evaluation time is not training time
-    metrics_log.write(step, values)
+    run_dir.log(step, values)
     return values
 
 

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from cluster.cli import main
-from finetune.rundir import read_state, state_writer
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import CheckpointError, load_state, save_checkpoint, save_state
 from pretrain.train_state import read_progress
 from tests.dataset_factory import make_dataset

@@ -99,11 +99,13 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
         verify_checkpoint(latest)
         read_state(latest, STATE_COUNTERS)
     data = prepare_data(cfg, DistInfo())
-    return fit_to_data(cfg, data, cfg.scaling.num_workers), data
+    cfg = fit_to_data(cfg, data, cfg.scaling.num_workers)
+    plan_phases(cfg, data.num_train_samples // cfg.train.global_batch_size)  # lp_steps leaving nothing for the full phase
+    return cfg, data
 
 
 def fit_to_data(cfg: FinetuneConfig, data: DataPlan, world_size: int) -> FinetuneConfig:
-    """The batch fitted to the data (one notice when it changes) and the 'auto' optimizer fields resolved."""
+    """The batch fitted to the data (one notice when it changes) and the auto optimizer fields resolved."""
     cfg, notice = fit_batch_to_data(cfg, data.num_train_samples, world_size)
     if notice:
         log.warning("%s", notice)

@@ -118,7 +118,11 @@ def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
         verify_checkpoint(latest)
         read_state(latest, STATE_COUNTERS)
-    return prepare_data(cfg, DistInfo())
+    data = prepare_data(cfg, DistInfo())
+    steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size
+    if steps_per_epoch >= 1:
+        plan_phases(cfg, steps_per_epoch)  # finetune.lp_steps that leave nothing for the full fine-tune
+    return data
 
 
 STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json

@@ -142,7 +142,7 @@ def test_infinite_timeout_is_one_config_error(tmp_path, capsys):
     with pytest.raises(ConfigError, match="^fetch.timeout_s"):
         replace(IngestConfig(), ["fetch.timeout_s=inf"])
     assert main(["ingest", str(tmp_path / "s.parquet"), str(tmp_path / "out"), "--timeout-s", "inf"]) == 2
-    assert "fetch.timeout_s" in capsys.readouterr().err
+    assert "timeout" in capsys.readouterr().err  # one line naming the option
 
 
 # ---- broken URLs and broken HTTP ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import random
 import sys
 from typing import Any, Callable, Sequence
 
@@ -84,6 +85,9 @@ def train_step(run: Run, micro_batches: list) -> torch.Tensor:
         images = run.normalize(batch.images)
         labels = batch.labels.to(dist.device, non_blocking=True)
         labels_b, lam = None, 1.0
+        if run.erasing is not None:  # seeded like mixup: resumable
+            random.seed(f"{cfg.train.seed}:{run.progress.step}:{dist.rank}:{index}:erase")
+            images = run.erasing(images)
         if run.mixup is not None:  # seeded per (seed, step, rank, micro-batch): resumable and rank-independent
             np.random.seed([cfg.train.seed, run.progress.step, dist.rank, index])
             # timm's in-place batch mix; targets become label pairs. The per-sample lam goes to the head

@@ -60,7 +60,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 # Under Ray Train no handler is installed (not the main thread) on any rank: no collective.
                 stop = preemption.installed and bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                    url = save_run_checkpoint(run, last, final=step == run.total_steps)
+                    url = save_run_checkpoint(run, last, final=step == run.total_steps, wait=stop)
                     if report is not None:  # every rank: Ray Train's report is a barrier
                         report({**last, "step": step, "checkpoint": url})
                 if stop:

@@ -7,6 +7,8 @@
 4. publish:  `megaclass registry publish` of the run's final/ checkpoint into a local registry
 5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set
 6. evaluate: `megaclass evaluate` of the fine-tuned model on the downstream validation folder
+7. with --detection: `megaclass finetune --task detection` of the same published backbone on a COCO
+   JSON set of several objects per cluttered image, then `megaclass evaluate` of the detector (COCO mAP)
 
 Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
 SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
@@ -28,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster import synthetic
+from cluster import synthetic, synthetic_detection
 from cluster.chaos import ProcessKiller
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
@@ -47,6 +49,9 @@ class WebSection:
     downstream_train_per_class: int = doc("downstream training images per class", 10)
     downstream_val_per_class: int = doc("downstream validation images per class", 10)
     seed: int = doc("seed of the drawn images", 0)
+    detection_classes: int = doc("object classes of the detection set (with --detection)", 4)
+    detection_train_images: int = doc("detection training images (several objects each)", 64)
+    detection_val_images: int = doc("detection validation images", 24)
 
     def validate(self) -> None:
         require(self.upstream_classes >= 2, "web.upstream_classes", "must be >= 2")
@@ -63,6 +68,9 @@ class SimulationConfig:
     pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])
     finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
     chaos: bool = doc("kill one ingestion task and one training worker mid-run", False)
+    detection: bool = doc("add the detection stages (finetune --task detection, evaluate with COCO mAP)", False)
+    detection_config: str = doc("detection finetune YAML ('' = the embedded simulate-detection.yaml)", "")
+    detection_overrides: list[str] = doc("extra --set overrides for the detection finetune", [])
     stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
 
 
@@ -98,6 +106,9 @@ class Simulation:
             "registry": self.workdir / "registry",
             "finetune": self.workdir / "runs" / "finetune",
             "evaluation": self.workdir / "evaluation",
+            "detection": self.workdir / "detection",
+            "detector": self.workdir / "runs" / "detection",
+            "detection_evaluation": self.workdir / "evaluation-detection",
         }
         self.env = dict(os.environ)
         self.env.update({
@@ -125,6 +136,12 @@ class Simulation:
             elif payload is None:
                 payload = synthetic.jpeg_bytes(synthetic.render(upstream[0], 1, (200, 200)))[:700]
             path.write_bytes(payload)
+        if self.cfg.detection:
+            classes = synthetic_detection.detection_classes(web.detection_classes, web.seed)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "train", classes, web.detection_train_images,
+                                               seed=web.seed + 1)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "val", classes, web.detection_val_images,
+                                               seed=web.seed + 2)
         self._web_rows = [(str(p.relative_to(self.paths["web"])), label) for p, label in written]
         self._broken_rows = [(rel, "broken") for rel in (*BROKEN_FILES, MISSING_URL)]
 
@@ -204,4 +221,19 @@ class Simulation:
                                     *(a for o in self.cfg.finetune_overrides for a in ("--set", o))])
         self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
                                     str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        if self.cfg.detection:
+            self.run_detection()
         return build_report(self, time.perf_counter() - started)
+
+    def run_detection(self) -> None:
+        detection_cfg = self.cfg.detection_config or str(CONFIG_DIR / "simulate-detection.yaml")
+        data = self.paths["detection"]
+        self.run_stage("detection", ["finetune", "--task", "detection", "--checkpoint", "registry://sim-backbone@latest",
+                                     "--train", str(data / "train" / "instances.json"),
+                                     "--val", str(data / "val" / "instances.json"), "--config", detection_cfg,
+                                     "--set", f"checkpoint.url={self.paths['detector']}",
+                                     "--set", f"data.cache_url={self.workdir / 'cache'}",
+                                     *(a for o in self.cfg.detection_overrides for a in ("--set", o))])
+        self.run_stage("evaluate-detection", ["evaluate", str(self.paths["detector"] / "final"),
+                                              str(data / "val" / "instances.json"),
+                                              "--out", str(self.paths["detection_evaluation"])])

@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-28s test mAP@.5 %.3f mAP %.3f (%.0f s)", label, results[label]["test_map_50"],
                  results[label]["test_map"], timings[f"{label}_s"])
     timings["total_s"] = time.perf_counter() - t0
-    print_table(results, args, timings)
     (work / "transfer_detection.json").write_text(json.dumps({"args": vars(args), "timings": timings,
                                                               "results": results}, indent=2))
+    print_table(results, args, timings)
     return 0
 
 

@@ -88,7 +88,10 @@ def test_report_numbers_match_the_index(ingested):
     assert by_reason[("ok", "")] == sum(CLASS_SIZES.values()) and by_reason[("failed", "http_404")] == 2
 
     domains = {d["domain"]: d for d in data["domains"]}
-    assert domains["127.0.0.1"]["ok"] == 27 and domains["127.0.0.1"]["reasons"]["http_404"] == 2
+    assert sum(d["rows"] for d in data["domains"]) == index.num_rows
+    assert all(d["rows"] == d["ok"] + d["failed"] + d["skipped"] for d in data["domains"])
+    assert domains["127.0.0.1"]["rows"] == 31 and domains["127.0.0.1"]["ok"] == 27
+    assert domains["127.0.0.1"]["reasons"] == {"http_404": 2, "not_an_image": 1, "too_small": 1}
     unreachable = domains["127.0.0.2"]
     assert unreachable["rows"] == 2 and unreachable["ok"] == 0 and sum(unreachable["reasons"].values()) == 2
     assert domains["(no host)"]["reasons"] == {"bad_url": 1}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.config import describe, from_dict, merge, parse_overrides, read_yaml
+from cluster.commands import add_config_arguments, config_from_args, print_options
+from data_pipeline.config import finite_float
 from data_pipeline.dataset import DatasetError, verify_dataset
 
 NAME = "ingest"
@@ -36,25 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or a COCO instances JSON (a detection dataset: boxes in each sample)")
     parser.add_argument("out", nargs="?", help="output dataset URL (local path, memory://, s3://, ...)")
     parser.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
-    parser.add_argument("--config", help="YAML file with ingest options (fetch/image/output/runtime sections)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
-    parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
+    add_config_arguments(parser, "YAML file with ingest options (fetch/image/output/runtime sections)")
     parser.add_argument("--shard-size", type=int, help="input rows per shard (default 30000, ~1 GB)")
     parser.add_argument("--image-size", type=int, help="stored shorter side at most this many px (default 256)")
     parser.add_argument("--min-side", type=int, help="refuse images with a smaller side, px (default 16)")
     parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels, before decoding")
     parser.add_argument("--jpeg-quality", type=int, help="quality of re-encoded JPEGs (default 90)")
-    parser.add_argument("--timeout-s", type=float, help="seconds per download, redirects included (default 10)")
+    parser.add_argument("--timeout-s", type=finite_float, help="seconds per download, redirects included (default 10)")
     parser.add_argument("--max-bytes", type=int, help="download cap in bytes (default 20 MiB)")
     parser.add_argument("--max-redirects", type=int, help="redirect hops followed (default 5)")
     parser.add_argument("--threads", type=int, help="concurrent downloads per shard task (default 32)")
     parser.add_argument("--allow-network", action="append", metavar="CIDR",
                         help="open this address range (repeatable); private/loopback/... are refused otherwise")
     parser.add_argument("--ignore-optout", action="store_true", help="do not honour X-Robots-Tag noai/noimageai")
-    parser.add_argument("--val-fraction", type=float, help="fraction held out by key hash into split 'val'")
+    parser.add_argument("--val-fraction", type=finite_float, help="fraction held out by key hash into split 'val'")
     parser.add_argument("--seed", type=int, help="salt of the held-out split hash")
     parser.add_argument("--name", help="dataset name in _info.json")
-    parser.add_argument("--max-failed-fraction", type=float, help="fail when more fetched rows fail (default 0.8)")
+    parser.add_argument("--max-failed-fraction", type=finite_float, help="fail when more fetched rows fail (default 0.8)")
     parser.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--max-task-retries", type=int, help="retries of a failed shard task (default 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,18 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from data_pipeline.ingest import IngestConfig
 
-    data = read_yaml(args.config) if args.config else {}
-    flags: dict = {}
-    for flag, key in FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            section, name = key.split(".")
-            flags.setdefault(section, {})[name] = value
-    if args.ignore_optout:
-        flags.setdefault("fetch", {})["honour_optout"] = False
-    if args.no_progress:
-        flags.setdefault("runtime", {})["progress"] = False
-    return from_dict(IngestConfig, merge(merge(data, flags), parse_overrides(args.set)))
+    return config_from_args(IngestConfig, args, FLAGS, {"fetch.honour_optout": False if args.ignore_optout else None,
+                                                        "runtime.progress": False if args.no_progress else None})
 
 
 def verify(out_url: str) -> int:
@@ -94,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.ingest import IngestConfig, IngestError
 
     if args.list_options:
-        print("\n".join(describe(IngestConfig)))
-        return 0
+        return print_options(IngestConfig)
     if args.verify:
         if args.source or args.out:
             raise ConfigError("--verify OUT takes no SOURCE/OUT arguments")

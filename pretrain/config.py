@@ -21,20 +21,22 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from data_pipeline.config import ConfigError, doc, load_config, require
+from data_pipeline.transforms import Augmentation
 
 
 # -- sections shared with fine-tuning -------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Augmentation):
+    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint)."""
     url: str = doc("dataset URL written by `megaclass ingest` (contract 1, any fsspec URL)", "")
     train_split: str = doc("split to train on", "train")
     image_size: int = doc("training crop side, px", 224, ge=16)
-    crop_scale_min: float = doc("RandomResizedCrop lower area fraction (upper is 1.0)", 0.08, gt=0.0, le=1.0)
     num_workers: int = doc("loader worker processes per rank", 4, ge=0)
     shuffle_buffer: int = doc("samples in each loader worker's shuffle buffer", 1000, ge=0)
 
     def validate(self) -> None:
+        super().validate()
         require(bool(self.train_split), "data.train_split", "must not be empty")
 
 

@@ -1,9 +1,10 @@
-"""A training step reads nothing back from its tensors: on a GPU each such read (`.item()`, `float()`,
-`bool()`, ...) is a host sync that stalls the device queue. On CPU the reads are counted instead, for
-the calls made from megaclass's own code during one optimizer step with clipping, mixup, EMA and
-gradient accumulation."""
+"""The GPU path, checked on CPU. A training step reads nothing back from its tensors: on a GPU each such
+read (`.item()`, `float()`, `bool()`, ...) is a host sync that stalls the device queue, so the reads made
+from megaclass's own code are counted during one optimizer step with clipping, mixup, EMA and gradient
+accumulation. And train.deterministic on a CUDA device sets what CUDA needs instead of raising."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from pretrain.config import load_pretrain_config
 from pretrain.dist import DistInfo
-from pretrain.run import build_run
+from pretrain.run import _set_determinism, build_run
 from pretrain.train import train_step
 from tests.dataset_factory import make_dataset
 
@@ -44,3 +45,19 @@ def test_train_step_reads_no_tensor_back(tmp_path, monkeypatch):
     assert reads == []
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)
     assert run.progress.step == 1
+
+
+def test_deterministic_on_cuda_sets_cublas_workspace_and_warns_instead_of_raising(monkeypatch):
+    cuda = DistInfo(device=torch.device("cuda", 0))  # only the settings are made: no CUDA call happens
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        _set_determinism(load_pretrain_config(None, ["data.url=x", "checkpoint.url=y", "train.deterministic=true"]), cuda)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark
+        _set_determinism(load_pretrain_config(None, ["data.url=x", "checkpoint.url=y"]), cuda)
+        assert torch.backends.cudnn.benchmark  # fixed shapes: cuDNN picks its fastest kernels once
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = benchmark

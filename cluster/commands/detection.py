@@ -46,8 +46,7 @@ def build_detection_config(args: argparse.Namespace):
     from cluster.commands.finetune import FLAGS
     from finetune.detection.config import DetectionConfig
 
-    return config_from_args(DetectionConfig, args, FLAGS, {"finetune.scratch": True if args.scratch else None,
-                                                           "scaling.num_workers": 1 if args.no_ray else None})
+    return config_from_args(DetectionConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
 
 
 def run_finetune(args: argparse.Namespace, resolve_model_uri) -> int:

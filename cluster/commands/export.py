@@ -34,5 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {report['onnx']} (input {report['input_size']}, {report['num_classes']} classes); "
               f"parity vs PyTorch on CPU: max abs logits diff {report['max_abs_diff']:.3g} "
               f"(< {report['tolerance']:g})")
+        pre = report["preprocessing"]
+        print(f"preprocessing (in the ONNX metadata as megaclass.preprocessing): {pre['interpolation']} resize, "
+              f"center crop {pre['input_size'][-1]} px at crop_pct {pre['crop_pct']}, mean {pre['mean']}, std {pre['std']}")
         return 0
     return run_reporting_errors(NAME, body)

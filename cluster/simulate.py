@@ -5,8 +5,10 @@
 2. ingest:   `megaclass ingest` of that table on a local Ray (one task per shard)
 3. pretrain: `megaclass pretrain` with DDP workers on a local Ray (Ray Train)
 4. publish:  `megaclass registry publish` of the run's final/ checkpoint into a local registry
-5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set
-6. evaluate: `megaclass evaluate` of the fine-tuned model on the downstream validation folder
+5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set, and
+             alongside it the same command with `--scratch --no-ray`: the baseline from random weights
+6. evaluate: `megaclass evaluate` of both fine-tuned models on the downstream validation folder; the
+             report gives both top-1 and the gain from pretraining in points
 
 Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
 SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
@@ -24,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,6 +80,17 @@ MISSING_URL = "broken/missing.jpg"
 
 
 @dataclass
+class _Running:
+    """A stage's process while it runs."""
+    name: str
+    proc: subprocess.Popen
+    out: Any
+    log_path: Path
+    started: float
+    killer: ProcessKiller | None
+
+
+@dataclass
 class StageResult:
     name: str
     seconds: float
@@ -98,7 +112,9 @@ class Simulation:
             "run": self.workdir / "runs" / "pretrain",
             "registry": self.workdir / "registry",
             "finetune": self.workdir / "runs" / "finetune",
+            "finetune-scratch": self.workdir / "runs" / "finetune-scratch",
             "evaluation": self.workdir / "evaluation",
+            "evaluation-scratch": self.workdir / "evaluation-scratch",
         }
         self.env = dict(os.environ)
         self.env.update({
@@ -136,30 +152,39 @@ class Simulation:
         return table.num_rows
 
     def run_stage(self, name: str, args: list[str], killer: ProcessKiller | None = None) -> StageResult:
+        return self.wait_stage(self.start_stage(name, args, killer))
+
+    def start_stage(self, name: str, args: list[str], killer: ProcessKiller | None = None) -> "_Running":
         cmd = [sys.executable, "-m", "cluster", *args]
         log.info("stage %s: megaclass %s", name, " ".join(args))
-        started = time.perf_counter()
         log_path = self.workdir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
-            if killer is not None:
-                killer.start(proc.pid)
-            try:
-                code = proc.wait(timeout=self.cfg.stage_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = -1
-            finally:
-                if killer is not None:
-                    killer.stop()
-        result = StageResult(name, time.perf_counter() - started, {"log": str(log_path)})
+        out = open(log_path, "wb")
+        running = _Running(name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                  cwd=self.workdir), out, log_path, time.perf_counter(), killer)
         if killer is not None:
-            result.details["chaos"] = killer.report()
+            killer.start(running.proc.pid)
+        return running
+
+    def wait_stage(self, running: "_Running") -> StageResult:
+        try:
+            code = running.proc.wait(timeout=max(1.0, self.cfg.stage_timeout_s - (time.perf_counter() - running.started)))
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait()
+            code = -1
+        finally:
+            running.out.close()
+            if running.killer is not None:
+                running.killer.stop()
+        result = StageResult(running.name, time.perf_counter() - running.started, {"log": str(running.log_path)})
+        if running.killer is not None:
+            result.details["chaos"] = running.killer.report()
         self.stages.append(result)
         if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            raise RuntimeError(f"stage {name} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+            tail = running.log_path.read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(f"stage {running.name} failed (exit {code}); last lines of {running.log_path}:\n"
+                               + "\n".join(tail))
         return result
 
     def prepare_workdir(self) -> None:
@@ -195,12 +220,24 @@ class Simulation:
         self.run_stage("publish", ["registry", "publish", str(self.paths["run"] / "final"),
                                    "--name", "sim-backbone", "--registry", str(self.paths["registry"])])
         finetune_cfg = self.cfg.finetune_config or str(CONFIG_DIR / "simulate-finetune.yaml")
-        self.run_stage("finetune", ["finetune", "--checkpoint", "registry://sim-backbone@latest",
-                                    "--train", str(self.paths["downstream"] / "train"),
-                                    "--val", str(self.paths["downstream"] / "val"),
-                                    "--config", finetune_cfg,
-                                    "--set", f"checkpoint.url={self.paths['finetune']}",
-                                    *(a for o in self.cfg.finetune_overrides for a in ("--set", o))])
-        self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
-                                    str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        finetune_args = ["finetune", "--checkpoint", "registry://sim-backbone@latest",
+                         "--train", str(self.paths["downstream"] / "train"),
+                         "--val", str(self.paths["downstream"] / "val"), "--config", finetune_cfg,
+                         *(a for o in self.cfg.finetune_overrides for a in ("--set", o))]
+        # The baseline: the same fine-tune from random weights (--scratch), in parallel on the other core
+        # (--no-ray: one rank in its own process), so the report can say what pretraining was worth.
+        baseline = self.start_stage("finetune-scratch", [*finetune_args, "--scratch", "--no-ray", "--set",
+                                                         f"checkpoint.url={self.paths['finetune-scratch']}"])
+        try:
+            self.run_stage("finetune", [*finetune_args, "--set", f"checkpoint.url={self.paths['finetune']}"])
+        finally:
+            self.wait_stage(baseline)
+        scratch_eval = self.start_stage("evaluate-scratch", [
+            "evaluate", str(self.paths["finetune-scratch"] / "final"), str(self.paths["downstream"] / "val"),
+            "--out", str(self.paths["evaluation-scratch"])])
+        try:
+            self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
+                                        str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        finally:
+            self.wait_stage(scratch_eval)
         return build_report(self, time.perf_counter() - started)

@@ -65,13 +65,17 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
     pretrain = _training(sim.paths["run"])
     finetune = _training(sim.paths["finetune"])
     evaluation = json.loads((sim.paths["evaluation"] / "report.json").read_text())
+    scratch_report = sim.paths["evaluation-scratch"] / "report.json"
+    scratch_top1 = json.loads(scratch_report.read_text()).get("top1") if scratch_report.exists() else None
     report = {
         "seconds": {name: round(s.seconds, 1) for name, s in stages.items()} | {"total": round(total_s, 1)},
         "ingest": ingest,
         "pretrain": pretrain,
         "finetune": finetune,
         "downstream": {"top1": evaluation.get("top1"), "top5": evaluation.get("top5"),
-                       "num_samples": evaluation.get("num_samples")},
+                       "num_samples": evaluation.get("num_samples"), "scratch_top1": scratch_top1,
+                       "gain_points": None if scratch_top1 is None or evaluation.get("top1") is None
+                       else round(100 * (evaluation["top1"] - scratch_top1), 1)},
         "artifacts": {name: str(path) for name, path in sim.paths.items()}
         | {"published": str(sim.paths["registry"] / "sim-backbone"),
            "logs": str(sim.workdir / "logs")},
@@ -82,6 +86,7 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
         "pretraining reached its final step": pretrain["final_step"] is not None
         and (pretrain["max_steps"] in (None, 0) or pretrain["final_step"] >= pretrain["max_steps"]),
         "downstream model evaluated": report["downstream"]["top1"] is not None,
+        "scratch baseline evaluated (same budget)": report["downstream"]["scratch_top1"] is not None,
     }
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
@@ -116,6 +121,8 @@ def format_report(report: dict) -> str:
         f"{_fmt(fin['images_per_s'], '.1f')} images/s",
         f"{'evaluate':<10}{secs.get('evaluate', 0):>9.1f}  downstream top-1 {_fmt(down['top1'], '.3f')}, "
         f"top-5 {_fmt(down['top5'], '.3f')} on {_fmt(down['num_samples'])} images",
+        f"{'':<21}from scratch (--scratch, same budget): top-1 {_fmt(down['scratch_top1'], '.3f')}; "
+        f"gain from the pretrained backbone {_fmt(down['gain_points'], '+.1f')} points",
         f"{'total':<10}{secs['total']:>9.1f}",
     ]
     for name, chaos in report["chaos"].items():

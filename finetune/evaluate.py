@@ -20,7 +20,7 @@ from torch import nn
 
 from data_pipeline.dataset import atomic_write_bytes, atomic_write_json, class_names, join
 from data_pipeline.reader import create_loader
-from data_pipeline.transforms import create_eval_transform, normalize
+from data_pipeline.transforms import INTERPOLATIONS, EvalTransform, create_eval_transform, normalize
 from finetune.data import label_map, pick_split, resolve_dataset
 from finetune.model import load_model
 
@@ -52,6 +52,15 @@ def preprocessing(pretrained_cfg: dict, image_size: int = 0) -> tuple[int, float
     mean = tuple(pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
     return size, crop_pct, mean, std
+
+
+def checkpoint_eval_transform(pretrained_cfg: dict, image_size: int = 0) -> EvalTransform:
+    """The evaluation preprocessing a checkpoint records (input_size, crop_pct, interpolation)."""
+    size, crop_pct, _, _ = preprocessing(pretrained_cfg, image_size)
+    interpolation = pretrained_cfg.get("interpolation", "bilinear")
+    # timm names also include "random" (a training-only choice): evaluate such a model bilinear
+    return create_eval_transform(size, crop_pct, interpolation=interpolation if interpolation in INTERPOLATIONS
+                                 else "bilinear")
 
 
 @torch.no_grad()
@@ -115,11 +124,12 @@ def evaluate(model_url: str, data_url: str, *, split: str = "val", out_dir: str 
     split = pick_split(dataset_url, split)
     data_names = class_names(dataset_url)
     targets = label_map(data_names, ckpt.class_names, f"{data_url} (vs the classes of {model_url})")
-    size, crop_pct, mean, std = preprocessing(ckpt.pretrained_cfg, image_size)
+    size, _, mean, std = preprocessing(ckpt.pretrained_cfg, image_size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     loader = create_loader(dataset_url, split, batch_size_per_rank=batch_size, num_workers=num_workers,
-                           transform=create_eval_transform(size, crop_pct), shuffle=False, drop_last=False)
+                           transform=checkpoint_eval_transform(ckpt.pretrained_cfg, image_size), shuffle=False,
+                           drop_last=False)
     result = run_eval(model, loader, device=dev, mean=mean, std=std, targets=targets,
                       num_model_classes=len(ckpt.class_names))
     report = build_report(result, data_names, ckpt.class_names, targets)

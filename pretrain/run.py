@@ -30,7 +30,7 @@ from torch import nn
 from data_pipeline import dataset as ds
 from data_pipeline.config import ConfigError, to_dict, to_yaml
 from data_pipeline.reader import Loader, create_loader, dataset_info
-from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_random_erasing
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, barrier, broadcast_object, sync_buffers
@@ -40,7 +40,6 @@ from pretrain.rundir import CONFIG_FILE, FINAL_DIR
 from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
 
 log = logging.getLogger(__name__)
-CROP_PCT = 0.875
 
 
 @dataclass
@@ -54,6 +53,7 @@ class Run:
     scheduler: Any
     ema: ModelEmaV3 | None
     mixup: Mixup | None
+    erasing: Any  # timm RandomErasing on the normalized batch (data.re_prob), or None
     preset: Preset
     class_names: list[str]
     manifest_sha256: str
@@ -95,7 +95,7 @@ class Run:
         return create_loader(
             cfg.data.url, cfg.data.train_split, batch_size_per_rank=self.batch_size_per_rank, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
-            transform=create_train_transform(cfg.data.image_size, scale=(cfg.data.crop_scale_min, 1.0)),
+            transform=cfg.data.train_transform(cfg.data.image_size),
             shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.samples_per_epoch or None,
             skip_batches=skip_batches, pin_memory=self.dist.device.type == "cuda")
 
@@ -107,7 +107,7 @@ class Run:
         return create_loader(
             self.cfg.data.url, self.cfg.data.eval_split, batch_size_per_rank=per_rank, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, shuffle=False,
-            transform=create_eval_transform(self.cfg.data.image_size, CROP_PCT), seed=self.cfg.train.seed,
+            transform=self.cfg.data.eval_transform(self.cfg.data.image_size), seed=self.cfg.train.seed,
             pin_memory=self.dist.device.type == "cuda")
 
     def epoch_steps(self, timer) -> Iterator[list]:
@@ -194,7 +194,8 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
                                     lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                                     **extra)
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None, preset, class_names,
+    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None,
+              create_random_erasing(cfg.data.re_prob, dist.device), preset, class_names,
               info["manifest_sha256"], info["splits"].get(cfg.data.eval_split, {}).get("num_samples", 0),
               cfg.train.global_batch_size // ranks_x_accum, 0, 0, Progress(world_size=dist.world_size))
     run.steps_per_epoch = len(run.loader(0)) // cfg.train.grad_accum_steps
@@ -322,11 +323,12 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
         kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
                       class_names=run.class_names, model_args=run.preset.model_args,
                       pretrained_cfg={"input_size": (3, cfg.data.image_size, cfg.data.image_size),
-                                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
-                                      "crop_pct": CROP_PCT},
+                                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                      "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct},
                       megaclass={"step": step, "epoch": run.progress.epoch, "dataset_url": cfg.data.url,
                                  "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
-                                 "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics})
+                                 "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics,
+                                 "augmentation": cfg.data.as_dict()})
         ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), known_sums=state_sums, **kwargs)
         ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
         if final:

@@ -67,7 +67,9 @@ def finetuned(tmp_path_factory, source, downstream) -> tuple[str, dict]:
     from finetune.train import finetune
 
     run = tmp_path_factory.mktemp("run") / "ft"
-    summary = finetune(make_config(source, downstream, run))
+    # non-default preprocessing, which evaluate/predict/export must take from the checkpoint
+    summary = finetune(make_config(source, downstream, run, "data.crop_pct=0.9", "data.interpolation=bicubic",
+                                   "data.hflip=0", "data.vflip=0.5", "data.color_jitter=0.3"))
     return str(run), summary
 
 
@@ -260,6 +262,15 @@ def test_export_onnx_parity_via_cli(tmp_path, finetuned, capsys):
     assert out.stat().st_size > 1000 and "max abs logits diff" in printed
     diff = float(printed.split("max abs logits diff ")[1].split()[0])
     assert diff < 1e-4
+    import onnx
+
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    pre, aug = meta["megaclass.preprocessing"], meta["megaclass.train_augmentation"]
+    assert pre["crop_pct"] == 0.9 and pre["interpolation"] == "bicubic" and pre["input_size"] == [3, 32, 32]
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.25, 0.25, 0.25]
+    assert aug["hflip"] == 0 and aug["vflip"] == 0.5 and aug["color_jitter"] == 0.3
+    assert set(aug) == {"hflip", "vflip", "scale", "ratio", "interpolation", "color_jitter", "auto_augment",
+                        "re_prob", "crop_pct"}
 
 
 def test_cli_finetune_evaluate_predict_no_ray(tmp_path, source, capsys):

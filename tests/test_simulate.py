@@ -42,6 +42,10 @@ def test_reduced_simulation_with_chaos(tmp_path, capsys):
     evaluation = json.loads((workdir / "evaluation" / "report.json").read_text())
     correct = sum(v["correct"] for v in evaluation["per_class"].values())
     assert report["downstream"]["top1"] == correct / evaluation["num_samples"] and evaluation["num_samples"] > 0
+    down = report["downstream"]
+    assert down["gain_points"] == round(100 * (down["top1"] - down["scratch_top1"]), 1)
+    assert json.loads((workdir / "runs" / "finetune-scratch" / "final" / "config.json").read_text()
+                      )["megaclass"]["finetuned_from"]["scratch"] is True
     assert (workdir / "registry" / "sim-backbone" / "versions" / "000001" / "version.json").exists()
     assert (workdir / "evaluation" / "report.json").exists()
 

@@ -37,6 +37,7 @@ from cluster import synthetic, synthetic_detection
 from cluster.chaos import ProcessKiller
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
+from data_pipeline import ALLOCATOR_ENV
 from data_pipeline.config import ConfigError, doc, require
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,7 @@ class Simulation:
         }
         self.env = dict(os.environ)
         self.env.update({
-            "MEGACLASS_REGISTRY": str(self.paths["registry"]),
-            "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-            "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0",
+            "MEGACLASS_REGISTRY": str(self.paths["registry"]), **ALLOCATOR_ENV, "RAY_USAGE_STATS_ENABLED": "0",
         })
 
     # -- stages ---------------------------------------------------------------------------------

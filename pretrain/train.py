@@ -9,7 +9,7 @@ SIGTERM (preemption) writes a checkpoint before it exits.
     python -m pretrain.train --config configs/pretrain_tiny.yaml --set train.max_steps=20
     torchrun --nproc-per-node 2 -m pretrain.train --config f.yaml --set scaling.num_workers=2
 
-Set PILLOW_BLOCKS_MAX=64 MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824 for speed.
+Set the allocator variables of data_pipeline.ALLOCATOR_ENV in the environment for speed (the Makefile does).
 """
 
 from __future__ import annotations

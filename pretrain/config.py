@@ -1,6 +1,6 @@
 """The pretraining config: one frozen tree, defaults < YAML < `--set section.field=value`.
 
-The keys DESIGN.md lists (data.url, data.image_size, data.num_workers, model.arch,
+The keys docs/design.md lists (data.url, data.image_size, data.num_workers, model.arch,
 train.global_batch_size, train.max_steps, train.precision, train.seed, loss.label_smoothing,
 loss.mixup, loss.cutmix, checkpoint.url, checkpoint.every_steps, checkpoint.keep,
 scaling.num_workers, scaling.use_gpu, scaling.max_failures) keep their names and meaning.

@@ -40,7 +40,8 @@ FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]); a folder, glob or "
-                        "comma-separated list of such parts; or ROOT/<class>/<img>")
+                        "comma-separated list of such parts; ROOT/<class>/<img>; or a COCO instances JSON "
+                        "(a detection dataset: boxes in each sample)")
     parser.add_argument("out", nargs="?", help="output dataset URL (local path, memory://, s3://, ...)")
     parser.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
     parser.add_argument("--retry-failed", metavar="OUT",

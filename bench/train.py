@@ -41,7 +41,7 @@ from data_pipeline import dataset as ds  # noqa: E402
 from data_pipeline.reader import create_loader  # noqa: E402
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_train_transform, normalize  # noqa: E402
 from pretrain.config import load_pretrain_config  # noqa: E402
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.rundir import read_metrics  # noqa: E402
 from pretrain.train import train  # noqa: E402
 from tests.dataset_factory import make_dataset  # noqa: E402
 

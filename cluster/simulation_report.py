@@ -10,14 +10,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pretrain.rundir import EVAL_TOP1, EVENT, IMAGES_PER_S, LOSS, STEP, read_metrics
+
 if TYPE_CHECKING:
     from cluster.simulate import Simulation
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _last(records: list[dict], key: str):
@@ -48,18 +44,18 @@ def _ingest(sim: "Simulation", seconds: float) -> dict:
 
 
 def _training(run_dir: Path) -> dict:
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    steps = [r for r in records if "loss" in r]
+    records = read_metrics(str(run_dir))
+    steps = [r for r in records if LOSS in r]
     config = json.loads((run_dir / "final" / "config.json").read_text()) if (run_dir / "final" / "config.json").exists() else {}
     block = config.get("megaclass", {})
     return {
-        "final_step": block.get("step", _last(steps, "step")),
+        "final_step": block.get("step", _last(steps, STEP)),
         "max_steps": (block.get("training_config") or block.get("config") or {}).get("train", {}).get("max_steps"),
-        "loss_first": steps[0]["loss"] if steps else None,
-        "loss_last": _last(steps, "loss"),
-        "top1": _last(records, "eval_top1"),
-        "images_per_s": _last(records, "images_per_s"),
-        "resumes": [r for r in records if r.get("event") == "resume"],
+        "loss_first": steps[0][LOSS] if steps else None,
+        "loss_last": _last(steps, LOSS),
+        "top1": _last(records, EVAL_TOP1),
+        "images_per_s": _last(records, IMAGES_PER_S),
+        "resumes": [r for r in records if r.get(EVENT) == "resume"],
     }
 
 

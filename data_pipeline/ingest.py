@@ -16,10 +16,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -29,10 +30,10 @@ import pyarrow.parquet as pq
 
 from data_pipeline import dataset, detection
 from data_pipeline.config import ConfigError, doc, require, to_dict
-from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
+from data_pipeline.fetch import DEFAULT_OPTOUT, MAX_URL_CHARS, FetchOptions, fetch
 from data_pipeline.image import ImageOptions, process_image
 from data_pipeline.netpolicy import NetworkPolicy, parse_networks
-from data_pipeline.source import SourceError, read_source
+from data_pipeline.source import SourceError, is_folder, own_scheme, read_source
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,36 @@ PART_META_KEY = b"megaclass.ingest"
 
 @dataclass(frozen=True)
 class FetchSection:
-    timeout_s: float = doc("seconds for one whole download (all redirect hops, headers and body)", 10.0)
+    timeout_s: float = doc("seconds for one attempt at a URL: DNS, connect, TLS, headers and body of all hops", 10.0)
+    deadline_s: float = doc("seconds for all attempts at one URL, backoff waits included", 30.0)
+    retries: int = doc("further attempts after a transient failure (timeout, connection, DNS, 408/429/5xx)", 2)
+    retry_backoff_s: float = doc("seconds; the first backoff ceiling, doubled per attempt, full jitter", 0.5)
+    max_retry_after_s: float = doc("seconds; a server's Retry-After is honoured up to this", 10.0)
     max_bytes: int = doc("bytes; larger downloads are stopped and recorded as too_large", 20 * 1024 * 1024)
     max_redirects: int = doc("redirect hops followed before too_many_redirects", 5)
     threads: int = doc("concurrent downloads per shard task", 32)
-    allow_networks: list[str] = doc("CIDRs opened despite the default deny of private/loopback/... ranges", [])
+    allow_networks: list[str] = doc("CIDRs opened despite the default deny of non-global addresses", [])
+    allow_schemes: list[str] = doc("URL schemes a table source may name (file, s3, ... only when opened here)",
+                                   ["http", "https"])
+    ca_file: str | None = doc("PEM CA bundle trusted in addition to the system CAs (private mirrors)", None)
     honour_optout: bool = doc("refuse responses whose X-Robots-Tag carries an opt-out directive", True)
     optout_directives: list[str] = doc("X-Robots-Tag directives that mean opt-out", list(DEFAULT_OPTOUT))
     user_agent: str = doc("User-Agent header sent", "megaclass/0.1 (+dataset ingestion; honours X-Robots-Tag noai)")
 
     def validate(self) -> None:
-        require(self.timeout_s > 0, "fetch.timeout_s", "must be > 0")
+        require(0 < self.timeout_s < math.inf, "fetch.timeout_s", "must be a finite number of seconds > 0")
+        require(self.timeout_s <= self.deadline_s < math.inf, "fetch.deadline_s",
+                "must be finite and >= fetch.timeout_s")
+        require(self.retries >= 0, "fetch.retries", "must be >= 0")
+        require(0 <= self.retry_backoff_s < math.inf, "fetch.retry_backoff_s", "must be finite and >= 0")
+        require(0 <= self.max_retry_after_s < math.inf, "fetch.max_retry_after_s", "must be finite and >= 0")
         require(self.max_bytes > 0, "fetch.max_bytes", "must be > 0")
         require(self.max_redirects >= 0, "fetch.max_redirects", "must be >= 0")
         require(self.threads >= 1, "fetch.threads", "must be >= 1")
+        require(all(s and s.isascii() and s.isalnum() for s in self.allow_schemes), "fetch.allow_schemes",
+                "must be plain scheme names such as http, https, file, s3")
+        require(self.ca_file is None or os.path.isfile(self.ca_file), "fetch.ca_file",
+                f"{self.ca_file!r} is not a readable file")
         parse_networks(self.allow_networks)
 
 
@@ -113,17 +130,25 @@ class IngestConfig:
     def fetch_options(self) -> FetchOptions:
         f = self.fetch
         return FetchOptions(f.timeout_s, f.max_bytes, f.max_redirects, f.honour_optout,
-                            tuple(f.optout_directives), f.user_agent, NetworkPolicy.from_cidrs(f.allow_networks))
+                            tuple(f.optout_directives), f.user_agent, NetworkPolicy.from_cidrs(f.allow_networks),
+                            tuple(s.lower() for s in f.allow_schemes), f.ca_file, f.retries, f.retry_backoff_s,
+                            f.max_retry_after_s, f.deadline_s)
 
     def image_options(self) -> ImageOptions:
         i = self.image
         return ImageOptions(i.image_size, i.min_side, i.max_pixels, i.jpeg_quality, i.keep_original)
 
     def recorded_options(self) -> dict:
-        """Options that change the output (not parallelism or UI): part of the fingerprint."""
+        """Options that change what a stored sample looks like: part of the fingerprint.
+
+        Parallelism, timing and retries decide only whether a row is fetched this time (a
+        re-run or `--retry-failed` may fetch it later), so changing them never refuses OUT.
+        """
         options = to_dict(self)
         del options["runtime"]
-        del options["fetch"]["threads"]
+        for name in ("threads", "timeout_s", "deadline_s", "retries", "retry_backoff_s", "max_retry_after_s",
+                     "ca_file", "user_agent"):
+            del options["fetch"][name]
         del options["output"]["max_failed_fraction"]  # a check on the result, not an input to it
         return options
 
@@ -137,6 +162,7 @@ class ShardTask:
     shard_index: int
     fingerprint: str
     rows: pa.Table                    # PLAN_SCHEMA
+    schemes: tuple = ("http", "https")   # URL schemes this task may fetch
 
     @property
     def shard_url(self) -> str:
@@ -156,6 +182,7 @@ class IngestPlan:
     table: pa.Table                   # PLAN_SCHEMA, all rows
     bounds: list[tuple[str, int, int, int]]   # (split, shard_index, first, end) per task into `table`
     splits: list[str]
+    schemes: tuple = ("http", "https")
     dataset_task: str = "classification"  # "detection" for a COCO source: `table` then has objects, image_id
 
     @property
@@ -169,7 +196,7 @@ class IngestPlan:
     def task(self, task_id: int) -> ShardTask:
         split, shard_index, first, end = self.bounds[task_id]
         rows = self.table.take(pa.array(range(first, end), pa.int64()))  # a copy: ships only these rows
-        return ShardTask(self.out_url, task_id, split, shard_index, self.fingerprint, rows)
+        return ShardTask(self.out_url, task_id, split, shard_index, self.fingerprint, rows, self.schemes)
 
 
 @dataclass
@@ -190,14 +217,26 @@ class IngestError(RuntimeError):
     """The run could not produce a dataset (too many failures, foreign data in OUT)."""
 
 
-def _url_ok(url: str | None, protocols: frozenset) -> bool:
-    if not url:
-        return False
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in ("http", "https"):
-        return bool(parts.hostname) and " " not in url
-    return scheme in protocols and len(url) > len(scheme) + 3
+def url_skips(urls: pa.Array, schemes: tuple) -> pa.Array:
+    """Per-row skip reason of the URL column (null when fetchable), computed by Arrow kernels.
+
+    `bad_url`: empty, over MAX_URL_CHARS, control characters, no scheme, http(s) without a host.
+    `refused_scheme`: a scheme (or fsspec chain `a::b://`) not in `schemes`. The fetcher checks
+    every URL again, this only keeps a refused or hopeless row from costing a task slot.
+    """
+    urls = pc.fill_null(urls, "")
+    length = pc.utf8_length(urls)
+    bad = pc.or_(pc.or_(pc.equal(length, 0), pc.greater(length, MAX_URL_CHARS)),
+                 pc.match_substring_regex(urls, r"[\x00-\x1f\x7f]"))
+    has_scheme = pc.match_substring_regex(urls, r"^[A-Za-z][A-Za-z0-9+.:\-]*://.")
+    lower = pc.utf8_lower(urls)
+    allowed = pa.array(np.zeros(len(urls), dtype=bool))
+    for scheme in schemes:
+        allowed = pc.or_(allowed, pc.starts_with(lower, scheme + "://"))
+    is_http = pc.match_substring_regex(lower, r"^https?://")
+    no_host = pc.and_(is_http, pc.invert(pc.match_substring_regex(lower, r"^https?://[^/?#@]*[^/?#@:]")))
+    bad = pc.or_(pc.or_(bad, pc.invert(has_scheme)), no_host)
+    return pc.if_else(bad, "bad_url", pc.if_else(allowed, pa.scalar(None, pa.string()), "refused_scheme"))
 
 
 def _held_out(keys: list[str], seed: int, fraction: float) -> np.ndarray:
@@ -212,11 +251,16 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     """Read and validate the source; assign class ids, splits, skips and shards to every row."""
     source, source_fp = read_source(source_url)
     detection_names = detection.source_class_names(source)  # None: a classification source
-    urls = source.column("url").to_pylist()
-    protocols = frozenset(fsspec.available_protocols()) | {"file"}
-    url_ok = np.fromiter((_url_ok(u, protocols) for u in urls), dtype=bool, count=len(urls))
+    schemes = tuple(s.lower() for s in cfg.fetch.allow_schemes)
+    if detection_names is not None or is_folder(source_url):
+        schemes += (own_scheme(source_url),)  # image folders and COCO files name their own files
+    url_skip = url_skips(source.column("url").combine_chunks(), schemes)
+    url_ok = pc.is_null(url_skip).to_numpy(zero_copy_only=False)
     if not url_ok.any():
-        raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {urls[0]!r})")
+        first = source.column("url")[0].as_py()
+        refused = pc.sum(pc.equal(url_skip, "refused_scheme")).as_py() or 0
+        hint = f"; {refused} use a scheme not in fetch.allow_schemes={list(schemes)}" if refused else ""
+        raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {first!r}){hint}")
     labels = source.column("label")
     has_label = pc.fill_null(pc.greater(pc.utf8_length(labels), 0), False).to_numpy(zero_copy_only=False)
     if detection_names is not None:  # an image's classes are in its objects, not in a label
@@ -230,7 +274,7 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     skip = np.full(source.num_rows, None, dtype=object)
     skip[url_ok & ~is_first] = "duplicate_url"
     skip[~has_label] = "missing_label"
-    skip[~url_ok] = "bad_url"
+    skip[~url_ok] = url_skip.filter(pc.invert(pa.array(url_ok))).to_numpy(zero_copy_only=False)
     if detection.SKIP_COLUMN in source.column_names:
         preset = np.array(source.column(detection.SKIP_COLUMN).to_pylist(), dtype=object)
         skip[preset != None] = preset[preset != None]  # noqa: E711 (elementwise on an object array)
@@ -268,7 +312,7 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     fingerprint = hashlib.sha256(json.dumps(
         {"format": dataset.FORMAT_VERSION, "source": source_fp, "options": cfg.recorded_options()},
         sort_keys=True).encode()).hexdigest()
-    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits,
+    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits, schemes,
                       "classification" if detection_names is None else detection.TASK)
 
 
@@ -329,15 +373,24 @@ def check_out_location(plan: IngestPlan) -> None:
 def _ingest_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions,
                 cpu: threading.Semaphore) -> dict:
     if row["skip_reason"]:
-        return {"status": "skipped", "reason": row["skip_reason"]}
+        return {"status": "skipped", "reason": row["skip_reason"], "attempts": 0}
     fetched = fetch(row["url"], fetch_opts)
     if fetched.data is None:
-        return {"status": "failed", "reason": fetched.reason}
+        return {"status": "failed", "reason": fetched.reason, "attempts": fetched.attempts}
     with cpu:  # downloads overlap; decoding stays on the one core the task was given
         image = process_image(fetched.data, image_opts)
     if image.jpg is None:
-        return {"status": "failed", "reason": image.reason}
-    return {"status": "ok", "reason": "", "image": image}
+        return {"status": "failed", "reason": image.reason, "attempts": fetched.attempts}
+    return {"status": "ok", "reason": "", "image": image, "attempts": fetched.attempts}
+
+
+def _guarded_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, cpu: threading.Semaphore) -> dict:
+    """One row never stops a shard: any exception becomes the row's recorded reason."""
+    try:
+        return _ingest_row(row, fetch_opts, image_opts, cpu)
+    except Exception as exc:  # a bug or a library surprise on one hostile row; recorded, logged, not hidden
+        log.warning("internal_error on row %s (%s): %s: %s", row["source_row"], row["url"], type(exc).__name__, exc)
+        return {"status": "failed", "reason": f"internal_error:{type(exc).__name__}", "attempts": 1}
 
 
 def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
@@ -346,10 +399,11 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     if done is not None:
         return done
     rows = task.rows.to_pylist()
-    fetch_opts, image_opts = cfg.fetch_options(), cfg.image_options()
+    fetch_opts = dataclasses.replace(cfg.fetch_options(), allow_schemes=task.schemes)
+    image_opts = cfg.image_options()
     cpu = threading.Semaphore(1)
     with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
-        outcomes = list(pool.map(lambda r: _ingest_row(r, fetch_opts, image_opts, cpu), rows))
+        outcomes = list(pool.map(lambda r: _guarded_row(r, fetch_opts, image_opts, cpu), rows))
 
     samples = []
     records = {name: [] for name in dataset.INDEX_SCHEMA.names}
@@ -373,7 +427,7 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
                   "split": task.split, "shard": shard_name,
                   "width": image.width if image else None, "height": image.height if image else None,
                   "bytes": len(image.jpg) if image else None,
-                  "sha256": dataset.sha256_bytes(image.jpg) if image else None}
+                  "sha256": dataset.sha256_bytes(image.jpg) if image else None, "attempts": outcome["attempts"]}
         for name, value in values.items():
             records[name].append(value)
     shard = dataset.write_shard(task.shard_url, samples) if samples else None

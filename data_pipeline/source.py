@@ -146,6 +146,17 @@ def read_folder_source(url: str) -> tuple[pa.Table, str]:
     return table, listing.hexdigest()
 
 
+def own_scheme(url: str) -> str:
+    """The URL scheme of files next to `url` (`file` for a local path)."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol("/x").split("://", 1)[0].lower() if "://" in fs.unstrip_protocol("/x") else "file"
+
+
+def is_folder(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path)
+
+
 def read_source(url: str) -> tuple[pa.Table, str]:
     """The source table (SOURCE_SCHEMA; a COCO JSON adds detection columns) and a fingerprint of its content."""
     fs, path = fsspec.core.url_to_fs(url)

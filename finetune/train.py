@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from finetune.config import FinetuneConfig
 from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
 from finetune.evaluate import preprocessing, run_eval
 from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
-from finetune.rundir import RunDir, read_state, state_writer
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class Phase:
 
 
 def plan_phases(cfg: FinetuneConfig, steps_per_epoch: int) -> list[Phase]:
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     ft = cfg.finetune
     lp_lr = ft.lp_lr or cfg.optim.lr * 10
     if ft.mode == "full":
@@ -115,8 +117,11 @@ def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     latest = latest_checkpoint(cfg.checkpoint.url)
     if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
         verify_checkpoint(latest)
-        read_state(latest)
+        read_state(latest, STATE_COUNTERS)
     return prepare_data(cfg, DistInfo())
+
+
+STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json
 
 
 @dataclass
@@ -134,7 +139,7 @@ def create_criterion_and_mixup(cfg: FinetuneConfig, num_classes: int):
     lossc = cfg.loss
     if lossc.mixup > 0 or lossc.cutmix > 0:
         mixup = Mixup(mixup_alpha=lossc.mixup, cutmix_alpha=lossc.cutmix, prob=lossc.mix_prob,
-                      label_smoothing=lossc.label_smoothing, num_classes=num_classes)
+                      switch_prob=lossc.switch_prob, label_smoothing=lossc.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
     return nn.CrossEntropyLoss(label_smoothing=lossc.label_smoothing), None
 
@@ -203,9 +208,9 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
         raise DatasetError(f"{cfg.data.url}: {data.num_train_samples} training images are fewer than one "
                            f"global batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
     phases = plan_phases(cfg, steps_per_epoch)
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    progress, opt_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
+    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, start_step=progress.step, tensorboard=cfg.log.tensorboard)
     run.write_config(cfg)
-    progress, opt_state = _resume(run, model)
     ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr)
     stopped = False
     for index, phase in enumerate(phases):
@@ -221,8 +226,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     if ranks.is_main:
         best = load_checkpoint(run.best_url)
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
-        run.log({"step": progress.step, "event": "final", "best_val_top1": progress.best_top1,
-                 "best_step": progress.best_step})
+        run.log(progress.step, {EVENT: "final", BEST_EVAL_TOP1: progress.best_top1, "best_step": progress.best_step})
     barrier(ranks)
     run.close()
     return summary
@@ -240,11 +244,11 @@ class _Context:
     batch_size_per_rank: int
 
 
-def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run.url)
+def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))
@@ -288,9 +292,8 @@ def _run_phase(ctx: _Context, model: nn.Module, phase: Phase, index: int, progre
             images_seen += len(batch.labels) * ranks.world_size
             schedule.step_update(progress.step - phase.start)
             if progress.step % cfg.log.every_steps == 0:
-                run.log({"step": progress.step, "phase": phase.name, "train_loss": loss,
-                         "lr": max(g["lr"] for g in optimizer.param_groups),
-                         "images_per_s": images_seen / (time.perf_counter() - t0)})
+                run.log(progress.step, {"phase": phase.name, LOSS: loss, LR: max(g["lr"] for g in optimizer.param_groups),
+                                        IMAGES_PER_S: images_seen / (time.perf_counter() - t0)})
             end_of_epoch = progress.step % ctx.steps_per_epoch == 0
             every = cfg.train.eval_every_steps
             if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == phase.end:
@@ -324,12 +327,11 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
             _save(ctx.run.best_url, model.state_dict(), ctx, progress)
     else:
         progress.bad_evals += 1
-    ctx.run.log({"step": progress.step, "phase": phase.name, "val_top1": top1, "val_top5": top5,
-                 "best_val_top1": progress.best_top1})
+    ctx.run.log(progress.step, {"phase": phase.name, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     log.info("step %d (%s): val top-1 %.4f top-5 %.4f (best %.4f at step %d)", progress.step, phase.name,
              top1, top5, progress.best_top1, progress.best_step)
     if ctx.report is not None:
-        ctx.report({"step": progress.step, "val_top1": top1, "val_top5": top5, "best_val_top1": progress.best_top1})
+        ctx.report({"step": progress.step, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     barrier(ranks)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
@@ -337,7 +339,7 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
 def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = None) -> dict:
     block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
              "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
-             "metrics": {"val_top1": progress.best_top1, "best_step": progress.best_step},
+             "metrics": {EVAL_TOP1: progress.best_top1, "best_step": progress.best_step},
              "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
                                 ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
                                 "step": ctx.source.megaclass.get("step")}}

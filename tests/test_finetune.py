@@ -16,6 +16,7 @@ from data_pipeline.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.model import backbone_mismatches, classifier_name, create_finetune_model, set_backbone_frozen, set_train_mode
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.rundir import read_metrics
 from tests.conftest import noise_jpeg
 from tests.dataset_factory import make_dataset
 
@@ -101,26 +102,22 @@ def test_frozen_backbone_keeps_bn_in_eval(tmp_path):
 
 # -- training --------------------------------------------------------------------------------------
 
-def _metrics(run: str) -> list[dict]:
-    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
-
-
 def test_full_finetune_writes_loadable_final(finetuned):
     run, summary = finetuned
     assert summary["steps"] == 4 and 0.0 <= summary["best_top1"] <= 1.0
     final = load_checkpoint(summary["final_url"])
     assert final.class_names == [f"class{i:05d}" for i in range(3)] and final.num_classes == 3
     assert final.megaclass["kind"] == "finetune" and final.megaclass["selected_step"] == summary["best_step"]
-    assert final.megaclass["metrics"]["val_top1"] == summary["best_top1"]
+    assert final.megaclass["metrics"]["eval_top1"] == summary["best_top1"]
     # final/ is the best model, bit for bit
     best = load_checkpoint(str(Path(run) / "best"))
     assert all(torch.equal(best.state_dict[k], v) for k, v in final.state_dict.items())
     model = timm.create_model(f"local-dir:{summary['final_url']}", pretrained=True)
     assert model.get_classifier().out_features == 3
     assert all(torch.equal(model.state_dict()[k], v) for k, v in final.state_dict.items())
-    records = _metrics(run)
-    assert [r["step"] for r in records if "val_top1" in r] == [2, 4]
-    assert any("train_loss" in r and r["lr"] > 0 for r in records)
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "eval_top1" in r] == [2, 4]
+    assert any("loss" in r and r["lr"] > 0 for r in records)
     assert (Path(run) / "config.yaml").exists()
 
 
@@ -140,7 +137,7 @@ def test_lp_ft_runs_both_phases(tmp_path, source, downstream):
     run = tmp_path / "run"
     summary = finetune(make_config(source, downstream, run, "finetune.mode=lp-ft", "finetune.lp_steps=2",
                                    "train.max_steps=5", "train.eval_every_steps=0"))
-    phases = [(r["step"], r["phase"]) for r in _metrics(str(run)) if "train_loss" in r]
+    phases = [(r["step"], r["phase"]) for r in read_metrics(str(run)) if "loss" in r]
     assert phases == [(1, "linear"), (2, "linear"), (3, "full"), (4, "full"), (5, "full")]
     src, final = load_checkpoint(source), load_checkpoint(summary["final_url"])
     if summary["best_step"] > 2:  # selected from the full phase: the backbone moved
@@ -263,8 +260,8 @@ def test_cli_ray_two_workers_ddp(tmp_path, source, downstream, capsys):
     assert code == 0 and "final model:" in capsys.readouterr().out
     final = load_checkpoint(str(run / "final"))
     assert final.num_classes == 3 and final.megaclass["step"] == 4
-    records = _metrics(str(run))
-    assert [r["step"] for r in records if "val_top1" in r] == [2, 4]
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records if "eval_top1" in r] == [2, 4]
     assert (run / "step-00000004").exists()
 
 

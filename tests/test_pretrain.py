@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from pretrain.config import load_pretrain_config
-from pretrain.metrics import read_metrics
+from pretrain.rundir import read_metrics
 from tests.conftest import free_port
 from pretrain.train import train
 from tests.dataset_factory import make_dataset

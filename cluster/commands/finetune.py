@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from data_pipeline.config import ConfigError, describe, from_dict, merge, parse_overrides, read_yaml, to_dict
+from cluster.commands import add_config_arguments, config_from_args, print_options
+from data_pipeline.config import ConfigError, from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
 NAME = "finetune"
@@ -28,10 +29,11 @@ log = logging.getLogger(__name__)
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (a checkpoint, dataset, registry URI or export) rather than a bug."""
     from cluster.registry import RegistryError
+    from cluster.signing import SignatureError
     from finetune.export import ExportError
     from pretrain.checkpoint import CheckpointError
 
-    return CheckpointError, DatasetError, RegistryError, ExportError
+    return CheckpointError, DatasetError, RegistryError, SignatureError, ExportError
 
 
 def run_reporting_errors(command: str, body) -> int:
@@ -45,10 +47,17 @@ def run_reporting_errors(command: str, body) -> int:
         return 1
 
 
-def resolve_model_uri(uri: str, registry: str | None) -> str:
+def resolve_model_uri(uri: str, registry: str | None, trust: list[str] = ()) -> str:
+    """A registry URI -> verified local folder; with `trust` (public key files) also signed by one of them."""
     from cluster.registry import resolve_checkpoint_uri
+    from cluster.signing import load_public_key
 
-    return resolve_checkpoint_uri(uri, registry)
+    return resolve_checkpoint_uri(uri, registry, trust=[load_public_key(path) for path in trust])
+
+
+# flag -> config key; each flag sets exactly one field.
+FLAGS = {"checkpoint": "finetune.checkpoint_url", "train": "data.url", "val": "data.val_url", "out": "checkpoint.url",
+         "mode": "finetune.mode"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,33 +71,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
     parser.add_argument("--scratch", action="store_true",
                         help="detection: the same detector from random weights (finetune.scratch), a baseline")
-    parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
+    parser.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                        help="PEM Ed25519 public key (repeatable): the checkpoint must be a registry version "
+                             "signed by one of them")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray for the command)")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (single rank, or torchrun)")
-    parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
+    add_config_arguments(parser, "YAML file with FinetuneConfig sections (docs/finetune.md)")
 
 
 def build_config(args: argparse.Namespace):
     from finetune.config import FinetuneConfig
 
-    flags: dict = {}
-    for value, section, key in ((args.checkpoint, "finetune", "checkpoint_url"), (args.train, "data", "url"),
-                                (args.val, "data", "val_url"), (args.out, "checkpoint", "url"),
-                                (args.mode, "finetune", "mode")):
-        if value is not None:
-            flags.setdefault(section, {})[key] = value
-    data = read_yaml(args.config) if args.config else {}
-    return from_dict(FinetuneConfig, merge(merge(data, flags), parse_overrides(args.set)))
+    return config_from_args(FinetuneConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
 
 
 def run(args: argparse.Namespace) -> int:
     if args.list_options:
         from finetune.config import FinetuneConfig
         from finetune.detection.config import DetectionConfig
-        print("\n".join(describe(DetectionConfig if args.task == "detection" else FinetuneConfig)))
-        return 0
+        return print_options(DetectionConfig if args.task == "detection" else FinetuneConfig)
     if args.task == "detection":
         from cluster.commands.detection import run_finetune
         return run_reporting_errors(NAME, lambda: run_finetune(args, resolve_model_uri))
@@ -106,11 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     reject_detection_data(cfg.data.url, "--train")
     reject_detection_data(cfg.data.val_url, "--val")
-    if args.no_ray:
-        cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry,
+                                                                 args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url},
                 "data": {"url": resolve_dataset(cfg.data.url, cfg.data.cache_url)}}
     if cfg.data.val_url:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.config import describe, from_dict, merge, parse_overrides, read_yaml
+from cluster.commands import add_config_arguments, config_from_args, print_options
 from data_pipeline.dataset import DatasetError, verify_dataset
 
 NAME = "ingest"
@@ -35,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]) or ROOT/<class>/<img>")
     parser.add_argument("out", nargs="?", help="output dataset URL (local path, memory://, s3://, ...)")
     parser.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
-    parser.add_argument("--config", help="YAML file with ingest options (fetch/image/output/runtime sections)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
-    parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
+    add_config_arguments(parser, "YAML file with ingest options (fetch/image/output/runtime sections)")
     parser.add_argument("--shard-size", type=int, help="input rows per shard (default 30000, ~1 GB)")
     parser.add_argument("--image-size", type=int, help="stored shorter side at most this many px (default 256)")
     parser.add_argument("--min-side", type=int, help="refuse images with a smaller side, px (default 16)")
@@ -62,18 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from data_pipeline.ingest import IngestConfig
 
-    data = read_yaml(args.config) if args.config else {}
-    flags: dict = {}
-    for flag, key in FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            section, name = key.split(".")
-            flags.setdefault(section, {})[name] = value
-    if args.ignore_optout:
-        flags.setdefault("fetch", {})["honour_optout"] = False
-    if args.no_progress:
-        flags.setdefault("runtime", {})["progress"] = False
-    return from_dict(IngestConfig, merge(merge(data, flags), parse_overrides(args.set)))
+    return config_from_args(IngestConfig, args, FLAGS, {"fetch.honour_optout": False if args.ignore_optout else None,
+                                                        "runtime.progress": False if args.no_progress else None})
 
 
 def verify(out_url: str) -> int:
@@ -93,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.ingest import IngestConfig, IngestError
 
     if args.list_options:
-        print("\n".join(describe(IngestConfig)))
-        return 0
+        return print_options(IngestConfig)
     if args.verify:
         if args.source or args.out:
             raise ConfigError("--verify OUT takes no SOURCE/OUT arguments")

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from cluster.simulate import Simulation, SimulationConfig
-from data_pipeline.config import load_config
+from cluster.commands import add_config_arguments, config_from_args, print_options
 
 NAME = "simulate"
 HELP = "run web -> ingest -> pretrain -> publish -> finetune -> evaluate locally, for real"
@@ -16,15 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="megaclass-simulation", help="folder for every artifact")
     parser.add_argument("--chaos", action="store_true",
                         help="SIGKILL one ingestion task and one training worker mid-run")
-    parser.add_argument("--config", help="YAML with simulation options (see --set keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an option, e.g. web.upstream_classes=50")
+    add_config_arguments(parser, "YAML with simulation options (see --list-options)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + (["chaos=true"] if args.chaos else [])
-    cfg = load_config(SimulationConfig, args.config, overrides)
+    if args.list_options:
+        return print_options(SimulationConfig)
+    cfg = config_from_args(SimulationConfig, args, extra={"chaos": True if args.chaos else None})
     report = Simulation(cfg, args.workdir).run()
     if args.json:
         print(json.dumps(report, indent=2))

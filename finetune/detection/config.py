@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.config import doc, require
-from finetune.config import CheckpointSection, DataSection, LogSection, OptimSection, ScalingSection, TrainSection
+from finetune.config import (FinetuneCheckpointSection, FinetuneDataSection, FinetuneLogSection, FinetuneOptimSection,
+                             FinetuneTrainSection, ScalingSection)
 from finetune.detection.model import DETECTORS
 
 DETECTION_MODES = ("full", "linear")
@@ -64,13 +65,13 @@ class DetectionSourceSection:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    data: DataSection = field(default_factory=DataSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     model: DetectionModelSection = field(default_factory=DetectionModelSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
-    log: LogSection = field(default_factory=LogSection)
+    log: FinetuneLogSection = field(default_factory=FinetuneLogSection)
     finetune: DetectionSourceSection = field(default_factory=DetectionSourceSection)
 
     def validate(self) -> None:

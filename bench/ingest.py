@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 WORK = ROOT / ".bench" / "ingest"
 I2D_VENV = ROOT / ".bench" / "img2dataset-venv"
-for name, value in {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-                    "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+from data_pipeline import ALLOCATOR_ENV  # noqa: E402
+
+for name, value in {**ALLOCATOR_ENV, "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(name, value)
 
 from http_server import LoopbackServer  # noqa: E402

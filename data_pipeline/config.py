@@ -283,6 +283,18 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def finite_float(text: str) -> float:
+    """argparse `type=` for numeric flags: a finite float ("inf", "nan", "1e400" are refused)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def require(condition: bool, field_name: str, message: str) -> None:
     """Raise ConfigError('field: message') unless `condition`; for `validate()` methods."""
     if not condition:

@@ -20,9 +20,15 @@ from pretrain.config import (CheckpointSection, DataSection, LogSection, LossSec
 
 @dataclass(frozen=True)
 class FinetuneDataSection(DataSection):
+    """Three augmentation defaults differ from timm's ImageNet ones, chosen on few-shot data
+    (BENCHMARKS.md, finetune): no flip (digits, text and laterality change meaning when flipped), a
+    milder crop range, and evaluation on the whole image (small images have little border to spare)."""
+    hflip: float = doc("horizontal flip probability (timm hflip); 0.5 is timm's ImageNet default", 0.0)
+    scale: tuple[float, float] = doc("RandomResizedCrop area fraction range [min, max] (timm scale)", (0.25, 1.0))
+    crop_pct: float = doc("evaluation: resize the shorter side to image_size / crop_pct, then center crop "
+                          "(timm crop_pct; 1 = the whole image)", 1.0)
     url: str = doc("downstream train data: a dataset URL (megaclass ingest) or an image folder ROOT/<class>/<image>", "")
     image_size: int = doc("train/eval crop size in px; 0 = the checkpoint's pretrained_cfg input_size", 0, ge=0)
-    crop_scale_min: float = doc("RandomResizedCrop lower area fraction (upper is 1.0)", 0.35, gt=0.0, le=1.0)
     num_workers: int = doc("loader worker processes per rank", 2, ge=0)
     val_url: str = doc("validation data, same forms; empty = the 'val' split of data.url", "")
     cache_url: str = doc("where image folders are ingested on the fly; empty = $MEGACLASS_CACHE or ~/.cache/megaclass", "")
@@ -38,15 +44,27 @@ class FinetuneOptimSection(OptimSection):
     name: str = doc("optimizer: a timm.optim.create_optimizer_v2 name (sgd, adamw, lamb, ...)", "adamw")
     lr: float = doc("peak learning rate of the full fine-tune (per global batch)", 1e-3, gt=0.0)
     weight_decay: float = doc("decoupled weight decay (not applied to biases and norms)", 0.05, ge=0.0)
-    warmup_steps: int = doc("linear warmup length, optimizer steps", 20, ge=0)
-    layer_decay: float = doc("layer-wise lr decay factor per block from the head; 1 = off", 0.75, gt=0.0, le=1.0)
+    warmup_steps: int = doc("linear warmup length, optimizer steps; -1 = auto: 5% of the steps below 2,000 "
+                            "training images, 20 above (at most a tenth of the run)", -1, ge=-1)
+    layer_decay: float = doc("layer-wise lr decay factor per block from the head; 1 = off; -1 = auto: off "
+                             "below 2,000 training images, 0.75 above", -1.0, ge=-1.0, le=1.0)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.layer_decay == -1 or self.layer_decay > 0, "optim.layer_decay",
+                "must be in (0, 1] (1 turns it off) or -1 (auto)")
 
 
 @dataclass(frozen=True)
 class FinetuneTrainSection(TrainSection):
-    global_batch_size: int = doc("samples per optimizer step summed over all ranks", 64, ge=1)
+    global_batch_size: int = doc("samples per optimizer step summed over all ranks; lowered (with one notice) "
+                                 "to the number of training images when larger", 64, ge=1)
     epochs: float = doc("passes over the train split when max_steps is 0 (fractions allowed)", 10.0, gt=0.0)
-    eval_every_steps: int = doc("validate every N steps; 0 = at the end of every epoch", 0, ge=0)
+    eval_every_steps: int = doc("validate every N steps (and at the end of each phase); 0 = auto, bounded by "
+                                "train.max_evals and train.eval_budget", 0, ge=0)
+    max_evals: int = doc("auto cadence: validations per phase at most", 10, ge=1)
+    eval_budget: float = doc("auto cadence: validation may cost at most this fraction of the training compute",
+                             0.25, gt=0.0)
     patience: int = doc("stop after this many validations without a better val top-1; 0 = never", 5, ge=0)
 
 
@@ -68,6 +86,8 @@ class FinetuneSection:
     source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
                           "set by the CLI", "")
     mode: Literal["full", "linear", "lp-ft"] = doc("full fine-tune | linear probe (frozen backbone) | linear probe then full", "full")
+    scratch: bool = doc("random init of the checkpoint's architecture (same preprocessing, data and budget): "
+                        "the baseline that shows what pretraining is worth (--scratch)", False)
     lp_steps: int = doc("lp-ft: linear-probe steps before the full fine-tune; 0 = lp_epochs", 0, ge=0)
     lp_epochs: int = doc("lp-ft: linear-probe epochs when lp_steps is 0", 1, ge=1)
     lp_lr: float = doc("learning rate of the linear probe (mode linear and phase 1 of lp-ft); 0 = optim.lr x 10",

@@ -45,10 +45,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import timm
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from timm.models._hub import save_config_for_hf  # timm exports it only from the private module
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
@@ -65,7 +65,6 @@ TRAIN_STATE_FILE_RE = re.compile(r"train_state/(?!\.\.?$)[A-Za-z0-9._-]{1,128}")
 CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string())])
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 STATE_JSON_FILE = "state.json"  # train_state/ counters that are not tensors
-DCP_METADATA_FILE = ".metadata"
 DCP_DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
 
 

@@ -1,6 +1,6 @@
 """The pretraining config: one frozen tree, defaults < YAML < `--set section.field=value`.
 
-The keys DESIGN.md lists (data.url, data.image_size, data.num_workers, model.arch,
+The keys docs/design.md lists (data.url, data.image_size, data.num_workers, model.arch,
 train.global_batch_size, train.max_steps, train.precision, train.seed, loss.label_smoothing,
 loss.mixup, loss.cutmix, checkpoint.url, checkpoint.every_steps, checkpoint.keep,
 scaling.num_workers, scaling.use_gpu, scaling.max_failures) keep their names and meaning.
@@ -21,21 +21,23 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from data_pipeline.config import ConfigError, doc, load_config, require
+from data_pipeline.transforms import Augmentation
 from pretrain.trackers import TrackingSection, check_tracker_names
 
 
 # -- sections shared with fine-tuning -------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Augmentation):
+    """Data and augmentation (the Augmentation fields: timm's names, recorded in the checkpoint)."""
     url: str = doc("dataset URL written by `megaclass ingest` (contract 1, any fsspec URL)", "")
     train_split: str = doc("split to train on", "train")
     image_size: int = doc("training crop side, px", 224, ge=16)
-    crop_scale_min: float = doc("RandomResizedCrop lower area fraction (upper is 1.0)", 0.08, gt=0.0, le=1.0)
     num_workers: int = doc("loader worker processes per rank", 4, ge=0)
     shuffle_buffer: int = doc("samples in each loader worker's shuffle buffer", 1000, ge=0)
 
     def validate(self) -> None:
+        super().validate()
         require(bool(self.train_split), "data.train_split", "must not be empty")
 
 
@@ -104,7 +106,7 @@ class ScalingSection:
     use_gpu: bool = doc("one GPU per worker (NCCL) instead of CPU (gloo)", False)
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails; -1 = unlimited",
                             0, ge=-1)
-    cpus_per_worker: float = doc("CPUs Ray reserves per worker (loader workers + trainer)", 1.0, gt=0.0)
+    cpus_per_worker: float = doc("CPUs Ray reserves per worker: data.num_workers loader processes + trainer + pin thread", 1.0, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,10 @@ class PretrainOptimSection(OptimSection):
 class PretrainTrainSection(TrainSection):
     grad_accum_steps: int = doc("micro-batches accumulated per optimizer step", 1, ge=1)
     total_samples: int = doc("samples to train on when max_steps is 0; 0 = use epochs", 0, ge=0)
-    compile: bool = doc("torch.compile the backbone", False)
+    compile: bool = doc("torch.compile the DDP-wrapped backbone (keeps DDP's bucketed all-reduce overlap)", False)
     ema: bool = doc("keep an EMA of the backbone (timm ModelEmaV3); published instead of the raw weights", False)
     ema_decay: float = doc("EMA decay per optimizer step", 0.9998, gt=0.0, lt=1.0)
-    deterministic: bool = doc("torch deterministic algorithms (for exact-resume checks; slower)", False)
+    deterministic: bool = doc("torch deterministic algorithms (exact-resume checks; slower; on CUDA see docs/pretrain.md)", False)
 
     def validate(self) -> None:
         require(not (self.max_steps and self.total_samples), "train.total_samples",

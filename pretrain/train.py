@@ -9,7 +9,7 @@ SIGTERM (preemption) writes a checkpoint before it exits.
     python -m pretrain.train --config configs/pretrain_tiny.yaml --set train.max_steps=20
     torchrun --nproc-per-node 2 -m pretrain.train --config f.yaml --set scaling.num_workers=2
 
-Set PILLOW_BLOCKS_MAX=64 MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824 for speed.
+Set the allocator variables of data_pipeline.ALLOCATOR_ENV in the environment for speed (the Makefile does).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import random
 import sys
 from typing import Any, Callable, Sequence
 
@@ -58,7 +59,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 # Under Ray Train no handler is installed (not the main thread) on any rank: no collective.
                 stop = preemption.installed and bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                    url = save_run_checkpoint(run, last, final=step == run.total_steps)
+                    url = save_run_checkpoint(run, last, final=step == run.total_steps, wait=stop)
                     if report is not None:  # every rank: Ray Train's report is a barrier
                         report({**last, "step": step, "checkpoint": url})
                 if stop:
@@ -81,6 +82,9 @@ def train_step(run: Run, micro_batches: list) -> torch.Tensor:
         images = run.normalize(batch.images)
         labels = batch.labels.to(dist.device, non_blocking=True)
         labels_b, lam = None, 1.0
+        if run.erasing is not None:  # seeded like mixup: resumable
+            random.seed(f"{cfg.train.seed}:{run.progress.step}:{dist.rank}:{index}:erase")
+            images = run.erasing(images)
         if run.mixup is not None:  # seeded per (seed, step, rank, micro-batch): resumable and rank-independent
             np.random.seed([cfg.train.seed, run.progress.step, dist.rank, index])
             # timm's in-place batch mix; targets become label pairs. The per-sample lam goes to the head
@@ -132,10 +136,11 @@ def evaluate(run: Run) -> dict[str, float]:
 
 def log_step(run: Run, run_dir: RunDir, timer: StepTimer, losses: list[torch.Tensor]) -> dict[str, Any]:
     cfg, step = run.cfg, run.progress.step
+    loss = float(torch.stack(losses).mean()) if losses else 0.0  # the window's one host sync, before timing it
     elapsed_s, data_s = timer.read()
     images_per_s = len(losses) * cfg.train.global_batch_size / max(elapsed_s, 1e-9)
     values: dict[str, Any] = {
-        LOSS: float(torch.stack(losses).mean()) if losses else 0.0, LR: max(g["lr"] for g in run.optimizer.param_groups),
+        LOSS: loss, LR: max(g["lr"] for g in run.optimizer.param_groups),
         "epoch": run.progress.epoch, IMAGES_PER_S: images_per_s, "images_per_s_per_rank": images_per_s / run.dist.world_size,
         "data_wait_fraction": data_s / max(elapsed_s, 1e-9), **memory_stats(run.dist.device),
         # DDP replicas must stay bit-identical; anything but 0.0 means ranks took different updates.

@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from data_pipeline import ALLOCATOR_ENV
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from pretrain.config import load_pretrain_config
 from pretrain.rundir import read_metrics
@@ -24,8 +25,7 @@ from pretrain.train import train
 from tests.dataset_factory import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-       "MALLOC_TRIM_THRESHOLD_": "1073741824", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+ENV = {**os.environ, **ALLOCATOR_ENV, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -185,13 +185,32 @@ def test_bf16_channels_last_ema_and_sampled_head(dataset, tmp_path):
         "train.max_steps": 3, "train.precision": "bf16", "train.channels_last": True, "train.ema": True,
         "train.ema_decay": 0.5, "model.head_sample_ratio": 0.5, "optim.name": "sgd", "optim.lr": 0.1,
         "checkpoint.every_steps": 0})))
-    assert result["step"] == 3 and 0.0 <= result["eval_top1"] <= 1.0
+    logged = [r for r in read_metrics(str(run)) if "eval_top1" in r][-1]
+    assert result["step"] == logged["step"] == 3 and result["eval_top1"] == logged["eval_top1"]
+    assert result["eval_samples"] > 0 and (result["eval_top1"] * result["eval_samples"]).is_integer()  # a count
     published = load_checkpoint(f"{run}/final")
     assert published.megaclass["config"]["train"]["precision"] == "bf16"
     assert all(v.dtype == torch.float32 for k, v in published.state_dict.items() if v.is_floating_point())
     # The EMA backbone is published, the raw one is kept in train_state for resuming.
     raw = load_checkpoint(latest_checkpoint(str(run)))
     assert raw.state_dict.keys() == published.state_dict.keys()
+    # The raw and the EMA backbone from train_state: decay 0.5 over 3 steps keeps them apart.
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    from pretrain.dist import DistInfo
+    from pretrain.head import ShardedClassifierHead
+    from pretrain.train_state import load_train_state
+    backbone = timm.create_model("test_resnet", num_classes=0)
+    head = ShardedClassifierHead(backbone.num_features, 6, DistInfo(), sample_ratio=0.5)
+    ema = ModelEmaV3(backbone)
+    optimizer = create_optimizer_v2(torch.nn.ModuleDict({"b": backbone, "h": head}), opt="sgd", lr=0.1, momentum=0.9)
+    load_train_state(f"{latest_checkpoint(str(run))}/train_state", backbone=backbone, head=head, optimizer=optimizer,
+                     ema=ema, dist=DistInfo())
+    published_backbone = {k: v for k, v in published.state_dict.items() if not k.startswith("fc.")}
+    assert all(torch.equal(v, published_backbone[k]) for k, v in ema.module.state_dict().items())
+    assert any(not torch.equal(v, published_backbone[k]) for k, v in backbone.state_dict().items()
+               if v.is_floating_point())
     assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000003"]
 
 

@@ -1,4 +1,4 @@
-"""The pretrain config: every shipped config loads, DESIGN.md keys exist, bad values name the field."""
+"""The pretrain config: every shipped config loads, the documented keys exist, bad values name the field."""
 
 from __future__ import annotations
 

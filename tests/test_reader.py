@@ -180,3 +180,20 @@ def test_iterating_again_replays_the_epoch(dataset):
     assert first == second and len(first) == len(loader) == 6
     loader.set_epoch(1)
     assert [b.keys for b in loader] != first and loader.position == len(loader)
+
+
+@pytest.mark.parametrize("num_workers, batch, skip", [(2, 5, 3), (3, 4, 0), (0, 4, 2)])
+def test_epochs_back_to_back_match_one_loader_per_epoch(dataset, num_workers, batch, skip):
+    """num_epochs > 1 keeps one set of workers for all epochs and yields exactly what one loader per
+    epoch would (same keys, same augmented pixels), also when resuming mid-epoch."""
+    per_epoch = []
+    for epoch in range(1, 4):
+        _, batches = _load(dataset, num_workers=num_workers, epoch=epoch, skip=skip if epoch == 1 else 0,
+                           batch_size_per_rank=batch)
+        per_epoch.extend(batches)
+    loader, joined = _load(dataset, num_workers=num_workers, epoch=1, skip=skip, batch_size_per_rank=batch,
+                           num_epochs=3)
+    assert len(loader) == 3 * (36 // batch) and len(joined) == len(loader) - skip
+    assert [b.keys for b in joined] == [b.keys for b in per_epoch]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(joined, per_epoch))
+

@@ -125,3 +125,24 @@ def test_bad_keys_are_one_line_errors(tmp_path, ckpt, keys, capsys):
                  "--sign", str(tmp_path / "missing.pem")]) == 1
     assert "--sign" in capsys.readouterr().err
     assert main(["registry", "keygen", keys["publisher"]]) == 1  # never overwrites a key
+
+
+def test_evaluate_predict_export_honour_trust(tmp_path, ckpt, keys, capsys):
+    root = str(tmp_path / "reg")
+    Registry(root).publish(ckpt, "m")
+    trust = ["--registry", root, "--trust", keys["publisher"] + ".pub"]
+    capsys.readouterr()
+    for argv in (["evaluate", "registry://m/1", str(tmp_path / "data")], ["predict", "registry://m/1", "x.jpg"],
+                 ["export", "registry://m/1", "--onnx", str(tmp_path / "m.onnx")]):
+        assert main(argv + trust) == 1, argv[0]
+        assert "unsigned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table", ['{"production": "2; rm"}', '[1]', '{"../x": 1}', 'not json'])
+def test_malformed_aliases_file_is_a_registry_error(tmp_path, ckpt, table, capsys):
+    root = str(tmp_path / "reg")
+    Registry(root).publish(ckpt, "m")
+    Path(root, "m", "aliases.json").write_text(table)
+    capsys.readouterr()
+    assert main(["registry", "list", "--registry", root]) == 1
+    assert "aliases.json: not a JSON object" in capsys.readouterr().err

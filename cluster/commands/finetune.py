@@ -57,7 +57,7 @@ def resolve_model_uri(uri: str, registry: str | None, trust: list[str] = ()) -> 
 
 # flag -> config key; each flag sets exactly one field.
 FLAGS = {"checkpoint": "finetune.checkpoint_url", "train": "data.url", "val": "data.val_url", "out": "checkpoint.url",
-         "mode": "finetune.mode"}
+         "mode": "finetune.mode", "scratch": "finetune.scratch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
     parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
-    parser.add_argument("--scratch", action="store_true",
-                        help="detection: the same detector from random weights (finetune.scratch), a baseline")
+    parser.add_argument("--scratch", action="store_true", default=None,
+                        help="random init of the same model, same everything else (finetune.scratch): a baseline")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
     parser.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
                         help="PEM Ed25519 public key (repeatable): the checkpoint must be a registry version "
@@ -103,8 +103,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from cluster.commands.detection import reject_detection_data
 
-    if args.scratch:
-        raise ConfigError("--scratch: only with --task detection")
     cfg = build_config(args)
     reject_detection_data(cfg.data.url, "--train")
     reject_detection_data(cfg.data.val_url, "--val")
@@ -120,7 +118,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_ray:
         summary = finetune(cfg)
     else:
-        check_inputs(cfg)  # bad input fails here in one line, not as a Ray worker traceback
+        # bad input fails here in one line, not as a Ray worker traceback; a batch larger than the data
+        # becomes the data here, with one notice, so that every worker gets the same fitted config
+        cfg, _ = check_inputs(cfg)
         from cluster.runtime import ray_session, run_torch_trainer
 
         with ray_session(args.ray_address):

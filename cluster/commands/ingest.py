@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from cluster.commands import add_config_arguments, config_from_args, print_options
+from data_pipeline.config import finite_float
 from data_pipeline.dataset import DatasetError, verify_dataset
 
 NAME = "ingest"
@@ -32,7 +33,8 @@ FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]) or ROOT/<class>/<img>")
+    parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]), ROOT/<class>/<img>, "
+                        "or a COCO instances JSON (a detection dataset: boxes in each sample)")
     parser.add_argument("out", nargs="?", help="output dataset URL (local path, memory://, s3://, ...)")
     parser.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
     add_config_arguments(parser, "YAML file with ingest options (fetch/image/output/runtime sections)")
@@ -41,17 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-side", type=int, help="refuse images with a smaller side, px (default 16)")
     parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels, before decoding")
     parser.add_argument("--jpeg-quality", type=int, help="quality of re-encoded JPEGs (default 90)")
-    parser.add_argument("--timeout-s", type=float, help="seconds per download, redirects included (default 10)")
+    parser.add_argument("--timeout-s", type=finite_float, help="seconds per download, redirects included (default 10)")
     parser.add_argument("--max-bytes", type=int, help="download cap in bytes (default 20 MiB)")
     parser.add_argument("--max-redirects", type=int, help="redirect hops followed (default 5)")
     parser.add_argument("--threads", type=int, help="concurrent downloads per shard task (default 32)")
     parser.add_argument("--allow-network", action="append", metavar="CIDR",
                         help="open this address range (repeatable); private/loopback/... are refused otherwise")
     parser.add_argument("--ignore-optout", action="store_true", help="do not honour X-Robots-Tag noai/noimageai")
-    parser.add_argument("--val-fraction", type=float, help="fraction held out by key hash into split 'val'")
+    parser.add_argument("--val-fraction", type=finite_float, help="fraction held out by key hash into split 'val'")
     parser.add_argument("--seed", type=int, help="salt of the held-out split hash")
     parser.add_argument("--name", help="dataset name in _info.json")
-    parser.add_argument("--max-failed-fraction", type=float, help="fail when more fetched rows fail (default 0.8)")
+    parser.add_argument("--max-failed-fraction", type=finite_float, help="fail when more fetched rows fail (default 0.8)")
     parser.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--max-task-retries", type=int, help="retries of a failed shard task (default 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

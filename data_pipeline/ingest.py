@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import dataset, detection
+from data_pipeline.accounting import split_totals, summary_table  # noqa: F401 (summary_table: ingest's API)
 from data_pipeline.config import ConfigError, doc, require, to_dict
 from data_pipeline.fetch import DEFAULT_OPTOUT, MAX_URL_CHARS, FetchOptions, fetch
 from data_pipeline.image import ImageOptions, process_image
@@ -263,8 +264,7 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
         raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {first!r}){hint}")
     labels = source.column("label")
     has_label = pc.fill_null(pc.greater(pc.utf8_length(labels), 0), False).to_numpy(zero_copy_only=False)
-    if detection_names is not None:  # an image's classes are in its objects, not in a label
-        has_label = np.ones(source.num_rows, dtype=bool)
+    has_label |= detection_names is not None  # COCO: an image's classes are in its objects, not in a label
 
     # First occurrence of a URL wins; later ones are skipped as duplicate_url.
     valid_rows = source.filter(pa.array(url_ok)).select(["source_row", "url"])
@@ -275,17 +275,12 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
     skip[url_ok & ~is_first] = "duplicate_url"
     skip[~has_label] = "missing_label"
     skip[~url_ok] = url_skip.filter(pc.invert(pa.array(url_ok))).to_numpy(zero_copy_only=False)
-    if detection.SKIP_COLUMN in source.column_names:
-        preset = np.array(source.column(detection.SKIP_COLUMN).to_pylist(), dtype=object)
-        skip[preset != None] = preset[preset != None]  # noqa: E711 (elementwise on an object array)
-
     if detection_names is None:
         names = pc.unique(labels.filter(pa.array(has_label)))
         names = names.take(pc.sort_indices(names))
         class_ids = pc.fill_null(pc.index_in(labels, value_set=names), -1).cast(pa.int32())
-    else:  # declared categories, every one a class even without boxes; a sample has no single class
-        names = pa.array(detection_names, pa.string())
-        class_ids = pa.array(np.full(source.num_rows, -1, dtype=np.int32))
+    else:
+        names, class_ids = detection.plan_classes(source, skip)
 
     out = cfg.output
     keys = source.column("key").to_pylist()
@@ -295,8 +290,7 @@ def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
         [source.column("source_row"), source.column("key"), source.column("url"), labels, class_ids,
          pa.array(split, pa.string()), pa.array(skip, pa.string())], schema=PLAN_SCHEMA)
     if detection_names is not None:
-        for column in (detection.OBJECTS_COLUMN, detection.IMAGE_ID_COLUMN):
-            table = table.append_column(column, source.column(column))
+        table = detection.with_objects(table, source)
 
     bounds = []
     splits = [out.train_split] + ([out.val_split] if out.val_fraction > 0 else [])
@@ -327,8 +321,7 @@ def _summarize(task_id: int, split: str, shard: dataset.ShardRecord | None, inde
 
     ok = pc.equal(index.column("status"), "ok")
     if box_counts is not None:  # detection: a class counts its boxes
-        per_class = sorted((int(k), v) for k, v in box_counts["class_counts"].items())
-        class_ids, class_counts = [k for k, _ in per_class], [v for _, v in per_class]
+        class_ids, class_counts = detection.class_counts(box_counts)
     else:
         ids, numbers = np.unique(index.column("class_id").filter(ok).to_numpy(), return_counts=True)
         class_ids, class_counts = ids.tolist(), numbers.tolist()
@@ -416,11 +409,7 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
             meta = {"url": row["url"], "label": row["label"], "width": image.original_width,
                     "height": image.original_height}
             if box_counts is not None:
-                boxes, counts = detection.scale_objects(
-                    row[detection.OBJECTS_COLUMN], original_size=(image.original_width, image.original_height),
-                    stored_size=(image.width, image.height), image_id=row[detection.IMAGE_ID_COLUMN])
-                meta.update(boxes)
-                box_counts.add(counts)
+                meta.update(detection.sample_fields(row, image, box_counts))
             samples.append(dataset.encode_sample(row["key"], image.jpg, row["class_id"], meta))
         values = {"key": row["key"], "source_row": row["source_row"], "url": row["url"], "label": row["label"],
                   "class_id": row["class_id"], "status": outcome["status"], "reason": outcome["reason"],
@@ -442,42 +431,6 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
 
 # ---- the whole dataset ------------------------------------------------------------------------
 
-def _split_totals(results: list[ShardResult], split: str) -> dict:
-    totals = {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "reasons": {}}
-    for result in results:
-        if result.split != split:
-            continue
-        totals["rows"] += result.num_rows
-        for status, count in result.status_counts.items():
-            totals[status] += count
-        for reason, count in result.reason_counts.items():
-            totals["reasons"][reason] = totals["reasons"].get(reason, 0) + count
-    totals["reasons"] = dict(sorted(totals["reasons"].items()))
-    return totals
-
-
-def summary_table(totals: dict[str, dict]) -> str:
-    """The accounting as printed at the end of a run (also stored in manifest.json)."""
-    lines = [f"{'split':<12}{'rows':>10}{'ok':>10}{'failed':>10}{'skipped':>10}"]
-    for split, t in totals.items():
-        lines.append(f"{split:<12}{t['rows']:>10}{t['ok']:>10}{t['failed']:>10}{t['skipped']:>10}")
-    reasons: dict[str, int] = {}
-    for t in totals.values():
-        for reason, count in t["reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + count
-    for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"  {reason:<28}{count:>10}")
-    return "\n".join(lines)
-
-
-def _detection_totals(results: list[ShardResult], split: str) -> dict:
-    merged = detection.BoxCounts()
-    for result in results:
-        if result.split == split and result.box_counts:
-            merged.add(detection.BoxCounts.from_dict(result.box_counts))
-    return {k: v for k, v in merged.as_dict().items() if k != "class_counts"}
-
-
 def _remove_stale_temporaries(out_url: str) -> None:
     """Temporary files of writers killed mid-write (never committed, safe to delete now)."""
     fs, root = fsspec.core.url_to_fs(out_url)
@@ -495,7 +448,7 @@ def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) ->
     results = sorted(results, key=lambda r: r.task_id)
     if [r.task_id for r in results] != list(range(plan.num_tasks)):
         raise IngestError(f"finalize needs all {plan.num_tasks} shard results, got {len(results)}")
-    totals = {split: _split_totals(results, split) for split in plan.splits}
+    totals = {split: split_totals(results, split) for split in plan.splits}
     for split, t in totals.items():
         assert t["ok"] + t["failed"] + t["skipped"] == t["rows"], f"accounting broken for {split}: {t}"
     assert sum(t["rows"] for t in totals.values()) == plan.num_rows, "rows lost between plan and shards"
@@ -531,12 +484,7 @@ def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) ->
                    for split, records in shards.items()},
     }
     if plan.dataset_task == detection.TASK:
-        merged = detection.BoxCounts()
-        for result in results:
-            merged.add(detection.BoxCounts.from_dict(result.box_counts or detection.BoxCounts().as_dict()))
-        manifest["task"] = detection.TASK
-        manifest["detection"] = {split: _detection_totals(results, split) for split in plan.splits}
-        manifest["detection"]["all"] = {k: v for k, v in merged.as_dict().items() if k != "class_counts"}
+        manifest.update(detection.manifest_fields([(r.split, r.box_counts) for r in results], plan.splits))
     dataset.atomic_write_json(dataset.join(plan.out_url, dataset.MANIFEST_FILE), manifest)
     dataset.write_info(plan.out_url, cfg.output.name, shards)
     return manifest

@@ -40,7 +40,8 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """Train until train.max_steps (or epochs / total_samples); returns the final metrics.
 
     report(metrics) is called on every rank after each checkpoint with {"step", ..., "checkpoint": url}
-    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's).
+    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's). On object storage a step
+    checkpoint may still be uploading then: it completes at the next checkpoint (save_run_checkpoint).
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
@@ -60,7 +61,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 # Under Ray Train no handler is installed (not the main thread) on any rank: no collective.
                 stop = preemption.installed and bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                    url = save_run_checkpoint(run, last, final=step == run.total_steps)
+                    url = save_run_checkpoint(run, last, final=step == run.total_steps, wait=stop)
                     if report is not None:  # every rank: Ray Train's report is a barrier
                         report({**last, "step": step, "checkpoint": url})
                 if stop:

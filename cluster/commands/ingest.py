@@ -33,7 +33,8 @@ FLAGS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]) or ROOT/<class>/<img>")
+    parser.add_argument("source", nargs="?", help="parquet/CSV/JSONL table (url, label[, key]), ROOT/<class>/<img>, "
+                        "or a COCO instances JSON (a detection dataset: boxes in each sample)")
     parser.add_argument("out", nargs="?", help="output dataset URL (local path, memory://, s3://, ...)")
     parser.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
     add_config_arguments(parser, "YAML file with ingest options (fetch/image/output/runtime sections)")

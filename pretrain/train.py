@@ -40,7 +40,8 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """Train until train.max_steps (or epochs / total_samples); returns the final metrics.
 
     report(metrics) is called on every rank after each checkpoint with {"step", ..., "checkpoint": url}
-    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's).
+    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's). On object storage a step
+    checkpoint may still be uploading then: it completes at the next checkpoint (save_run_checkpoint).
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)

@@ -27,11 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in (("PILLOW_BLOCKS_MAX", "64"), ("MALLOC_MMAP_THRESHOLD_", "67108864"),
-                     ("MALLOC_TRIM_THRESHOLD_", "1073741824")):
-    os.environ.setdefault(_key, _value)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from data_pipeline import ALLOCATOR_ENV  # noqa: E402  (imports nothing: set before torch and PIL)
+
+for _key, _value in ALLOCATOR_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -41,7 +42,7 @@ from data_pipeline import dataset as ds  # noqa: E402
 from data_pipeline.reader import create_loader  # noqa: E402
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_train_transform, normalize  # noqa: E402
 from pretrain.config import load_pretrain_config  # noqa: E402
-from pretrain.metrics import read_metrics  # noqa: E402
+from pretrain.rundir import read_metrics  # noqa: E402
 from pretrain.train import train  # noqa: E402
 from tests.dataset_factory import make_dataset  # noqa: E402
 

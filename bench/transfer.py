@@ -26,8 +26,9 @@ import os
 import time
 from pathlib import Path
 
-for _name, _value in (("PILLOW_BLOCKS_MAX", "64"), ("MALLOC_MMAP_THRESHOLD_", "67108864"),
-                      ("MALLOC_TRIM_THRESHOLD_", "1073741824")):
+from data_pipeline import ALLOCATOR_ENV  # imports nothing: set before torch and PIL
+
+for _name, _value in ALLOCATOR_ENV.items():
     os.environ.setdefault(_name, _value)
 
 import timm  # noqa: E402
@@ -71,7 +72,7 @@ def ingest(folder: Path, out: Path, val_fraction: float = 0.0) -> str:
 def run_pretrain(dataset: str, run: Path, steps: int) -> tuple[str, dict]:
     cfg = load_config(PretrainConfig, None, [
         f"data.url={dataset}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=1", "data.eval_split=val",
-        "data.crop_scale_min=0.35", f"model.arch={ARCH}", "optim.name=adamw", "optim.lr=0.003",
+        "data.scale=0.35,1", f"model.arch={ARCH}", "optim.name=adamw", "optim.lr=0.003",
         "optim.weight_decay=0.05", "optim.warmup_steps=50", "train.global_batch_size=128",
         f"train.max_steps={steps}", "train.precision=fp32", "train.channels_last=false", "train.num_threads=1",
         "loss.label_smoothing=0.1", f"checkpoint.url={run}", "checkpoint.every_steps=0", "checkpoint.keep=1",
@@ -94,7 +95,7 @@ def downstream_run(ckpt: str, data: dict[str, str], run: Path, mode: str, overri
                    lp_steps: int) -> dict:
     cfg = load_config(FinetuneConfig, None, [
         f"finetune.checkpoint_url={ckpt}", f"data.url={data['train']}", f"data.val_url={data['val']}",
-        f"checkpoint.url={run}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0", "data.crop_scale_min=0.35",
+        f"checkpoint.url={run}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0", "data.scale=0.35,1",
         "train.global_batch_size=32", f"train.max_steps={steps}", "train.eval_every_steps=10", "train.patience=0",
         "train.channels_last=false", "train.num_threads=1", "optim.warmup_steps=10", "optim.weight_decay=0.05", "log.every_steps=50",
         "log.tensorboard=false", f"finetune.mode={mode}", f"finetune.lp_steps={lp_steps}", *overrides])

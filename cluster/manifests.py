@@ -9,11 +9,21 @@ Both run the same entrypoint as a laptop run, with the cluster shape passed as o
 --set scaling.max_failures=M --set checkpoint.url=STORAGE/runs/NAME`. The run dir is derived from
 the run name, so resubmitting (a RayJob retry, or `megaclass submit --name NAME`) resumes from its
 checkpoints. The config is read as a plain mapping: rendering does not depend on the trainer's code.
+
+Both start Ray with token authentication and never put the token in a manifest. The RayJob sets
+`authOptions.mode: token` (KubeRay >= 1.5, Ray >= 2.52): KubeRay keeps the token in a Secret it
+creates and gives it (RAY_AUTH_MODE, RAY_AUTH_TOKEN from the Secret) to the head, the workers and
+the job submitter. Launcher nodes read it from a file that `ray up` copies from the user's
+~/.ray/auth_token. The dashboard and its Jobs API answer only with the token, and never listen on
+0.0.0.0: on the launcher head it binds 127.0.0.1 (reached through `ray dashboard`, an SSH tunnel);
+in the head pod it binds the pod IP, which the KubeRay operator (polling job status with the token)
+and `kubectl port-forward` reach.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,14 +34,22 @@ import yaml
 
 from cluster.runtime import WORKER_ENV as RAY_WORKER_ENV
 from data_pipeline.config import ConfigError, read_yaml
-from data_pipeline.dataset import atomic_write_bytes, join
+from data_pipeline.dataset import atomic_write_bytes, is_local, join
 
 log = logging.getLogger(__name__)
 
 CONFIG_MOUNT_DIR = "/megaclass/config"
 CONFIG_FILE_NAME = "pretrain.yaml"
-# The trainers' allocator settings (PERFORMANCE.md), set in every container.
+# The trainers' allocator settings, set in every container.
 WORKER_ENV = {**RAY_WORKER_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+# Where `ray up` puts the user's token on launcher nodes (a file_mounts target, read via RAY_AUTH_TOKEN_PATH).
+LAUNCHER_TOKEN_PATH = "/tmp/megaclass/ray_auth_token"
+LAUNCHER_AUTH_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": LAUNCHER_TOKEN_PATH}
+LAUNCHER_DASHBOARD_HOST = "127.0.0.1"
+POD_IP_ENV = "MY_POD_IP"  # the head pod's IP (downward API), which kubelet substitutes into `ray start`
+RFC1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Names rendered from --name ("megaclass-NAME-config" is the longest) must stay within 63 characters.
+MAX_NAME_LENGTH = 63 - len("megaclass--config")
 
 
 @dataclass(frozen=True)
@@ -54,9 +72,13 @@ class RenderOptions:
     worker_instance_type: str = "p4d.24xlarge"
 
     def validate(self) -> None:
-        if not self.name or not all(c.isalnum() or c == "-" for c in self.name) or not self.name[0].isalpha():
-            raise ConfigError(f"--name {self.name!r}: use letters, digits and '-', starting with a letter "
-                              "(it names Kubernetes objects)")
+        if not RFC1123_LABEL.fullmatch(self.name) or not self.name[0].isalpha() or len(self.name) > MAX_NAME_LENGTH:
+            raise ConfigError(f"--name {self.name!r}: lowercase letters, digits and '-', starting with a letter, "
+                              f"not ending with '-', at most {MAX_NAME_LENGTH} characters (it names Kubernetes "
+                              "objects: RFC 1123 labels)")
+        if not RFC1123_LABEL.fullmatch(self.namespace):
+            raise ConfigError(f"--namespace {self.namespace!r}: not an RFC 1123 label (lowercase letters, digits, "
+                              "'-', at most 63 characters, no '-' at either end)")
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ConfigError(f"--nodes and --gpus-per-node must be >= 1 (got {self.nodes}, {self.gpus_per_node})")
         if not self.image:
@@ -70,8 +92,9 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith(("file://", "memory://"))
+def _node_local(url: str) -> bool:
+    """A path only this machine sees: the local file system, or memory:// (one process)."""
+    return is_local(url) or url.startswith("memory://")
 
 
 def run_url(cfg: dict[str, Any], opts: RenderOptions) -> str:
@@ -118,7 +141,7 @@ def _check_urls(cfg: dict[str, Any], opts: RenderOptions) -> list[str]:
     """Warnings for paths every node cannot see (fine only on a shared filesystem)."""
     warnings = []
     for field, url in (("data.url", _section(cfg, "data").get("url")), ("checkpoint.url", run_url(cfg, opts))):
-        if url and _is_local(str(url)):
+        if url and _node_local(str(url)):
             warnings.append(f"{field} {url!r} is a local path: every node must see it (shared filesystem), "
                             "or use s3://, gs://, ...")
     return warnings
@@ -126,7 +149,8 @@ def _check_urls(cfg: dict[str, Any], opts: RenderOptions) -> list[str]:
 
 def render_cluster_launcher(cfg: dict[str, Any], opts: RenderOptions) -> dict[str, Any]:
     """`ray up` YAML (AWS provider, Docker image): a CPU head and `nodes` GPU workers, fixed size."""
-    env_flags = [f"-e {k}={v}" for k, v in WORKER_ENV.items()]
+    env_flags = [f"-e {k}={v}" for k, v in {**WORKER_ENV, **LAUNCHER_AUTH_ENV}.items()]
+    auth = " ".join(f"{k}={v}" for k, v in LAUNCHER_AUTH_ENV.items())
     shm = opts.shm_per_gpu_gi * opts.gpus_per_node
     return {
         "cluster_name": f"megaclass-{opts.name}",
@@ -135,6 +159,8 @@ def render_cluster_launcher(cfg: dict[str, Any], opts: RenderOptions) -> dict[st
         "idle_timeout_minutes": 10,
         "provider": {"type": "aws", "region": opts.region, "cache_stopped_nodes": False},
         "auth": {"ssh_user": "ubuntu"},
+        # The token file, copied from the machine running `ray up` (never written into this YAML).
+        "file_mounts": {LAUNCHER_TOKEN_PATH: "~/.ray/auth_token"},
         "docker": {"image": opts.image, "container_name": "megaclass", "pull_before_run": True,
                    "run_options": ["--ulimit nofile=65536:65536", f"--shm-size={shm}g", *env_flags]},
         "available_node_types": {
@@ -152,18 +178,20 @@ def render_cluster_launcher(cfg: dict[str, Any], opts: RenderOptions) -> dict[st
         "head_node_type": "head",
         "head_start_ray_commands": [
             "ray stop",
-            "ray start --head --port=6379 --dashboard-host=0.0.0.0 --object-manager-port=8076 "
+            f"{auth} ray start --head --port=6379 --dashboard-host={LAUNCHER_DASHBOARD_HOST} --object-manager-port=8076 "
             "--autoscaling-config=~/ray_bootstrap_config.yaml",
         ],
-        "worker_start_ray_commands": ["ray stop", "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076"],
+        "worker_start_ray_commands": ["ray stop",
+                                      f"{auth} ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076"],
     }
 
 
-def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict] | None = None) -> dict[str, Any]:
+def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict] | None = None,
+               extra_env: list[dict[str, Any]] = ()) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "env": [{"name": k, "value": v} for k, v in WORKER_ENV.items()],
+        "env": [{"name": k, "value": v} for k, v in WORKER_ENV.items()] + list(extra_env),
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
@@ -185,11 +213,13 @@ def render_rayjob(cfg: dict[str, Any], config_text: str, opts: RenderOptions) ->
     gpus, cpus = opts.gpus_per_node, _node_cpus(cfg, opts)
     head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}]
+    pod_ip = [{"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     head = {
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},  # keep training off the head
+        # The pod IP, not KubeRay's default 0.0.0.0; num-cpus 0 keeps training off the head.
+        "rayStartParams": {"dashboard-host": f"$({POD_IP_ENV})", "num-cpus": "0"},
         "template": {"spec": {
             "containers": [_container("ray-head", opts.image, {"cpu": opts.head_cpu, "memory": opts.head_memory},
-                                      head_ports)],
+                                      head_ports, pod_ip)],
             "volumes": _volumes(config_map, 1),
         }},
     }
@@ -224,7 +254,10 @@ def render_rayjob(cfg: dict[str, Any], config_text: str, opts: RenderOptions) ->
              "backoffLimit": opts.job_retries,
              "shutdownAfterJobFinishes": True,
              "ttlSecondsAfterFinished": 3600,
-             "rayClusterSpec": {"rayVersion": ray_version, "headGroupSpec": head, "workerGroupSpecs": [worker]},
+             "rayClusterSpec": {"rayVersion": ray_version,
+                                # KubeRay creates the token Secret and hands the token to every pod.
+                                "authOptions": {"mode": "token"},
+                                "headGroupSpec": head, "workerGroupSpecs": [worker]},
          }},
     ]
 
@@ -264,6 +297,8 @@ def write_manifests(out_dir: str, config_path: str, opts: RenderOptions) -> dict
         f"# Launcher path for run {opts.name}: start the cluster, forward the dashboard, submit the run.",
         "# Resubmitting the same --name resumes from the run's checkpoints. Tear down: ray down -y cluster.yaml",
         "set -e",
+        "# The cluster's token: ray up copies ~/.ray/auth_token to every node; megaclass submit sends it.",
+        "test -s ~/.ray/auth_token || ray get-auth-token --generate >/dev/null",
         'ray up -y "$(dirname "$0")/cluster.yaml"',
         'ray dashboard "$(dirname "$0")/cluster.yaml" &',
         "sleep 5",

@@ -41,8 +41,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cluster.signing import SignatureError, check_signature, sign
 from cluster.storage import FileLock, copy_hashing, create_exclusive, hash_file
 from data_pipeline.dataset import atomic_write_json
+from pretrain.checkpoint import (CHECKPOINT_FILES, CONFIG_FILE, SUMS_FILE, TRAIN_STATE_DIR, CheckpointError,
+                                 format_sums, parse_sums)
 
 FORMAT_VERSION = 1
 SCHEME = "registry://"
@@ -51,9 +54,7 @@ ALIASES_FILE = "aliases.json"
 CLAIM_FILE = ".claim"
 STAGING_DIR = ".staging"
 VERSIONS_DIR = "versions"
-SUMS_FILE = "SHA256SUMS"
-TRAIN_STATE_DIR = "train_state"
-REQUIRED_FILES = ("config.json", "model.safetensors", "classes.parquet")
+REQUIRED_FILES = CHECKPOINT_FILES[:-1]  # a version holds exactly these and SUMS_FILE (contract 2 without train_state/)
 LATEST = "latest"
 ALIAS_LOCK_STALE_S = 30.0
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` accepts a trailing newline
@@ -122,31 +123,14 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _parse_sums(text: str, where: str) -> dict[str, str]:
-    """`sha256sum` output -> {relative path: sha256}."""
-    sums = {}
-    for num, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise RegistryError(f"{where} line {num}: expected '<sha256>  <path>', got {line!r}")
-        rel = parts[1].strip().lstrip("*")
-        if rel.startswith("/") or ".." in rel.split("/"):
-            raise RegistryError(f"{where} line {num}: path {rel!r} leaves the checkpoint")
-        sums[rel] = parts[0].lower()
-    return sums
-
-
-def _format_sums(sums: dict[str, str]) -> bytes:
-    return "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items())).encode()
-
-
 class Registry:
     """One registry root. Methods take validated names; URIs go through `resolve`."""
 
-    def __init__(self, root_url: str | None = None, cache_dir: str | None = None):
+    def __init__(self, root_url: str | None = None, cache_dir: str | None = None, trust: list | None = None):
+        """trust: Ed25519 public keys (cluster.signing); when given, resolve and verify refuse versions
+        that are not signed by one of them."""
         self.root_url = str(root_url or default_registry_url()).rstrip("/")
+        self.trust = list(trust or [])
         self.fs, self.root = fsspec.core.url_to_fs(self.root_url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.cache_dir = cache_dir or default_cache_dir()
@@ -192,7 +176,14 @@ class Registry:
         if not self.fs.exists(path):
             return {}
         with self.fs.open(path, "rb") as f:
-            return {str(k): int(v) for k, v in json.loads(f.read()).items()}
+            data = f.read()
+        try:
+            table = json.loads(data)
+            if isinstance(table, dict) and all(type(v) is int and NAME_RE.fullmatch(k) for k, v in table.items()):
+                return table
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            pass  # reported below
+        raise RegistryError(f"{self.root_url}/{name}/{ALIASES_FILE}: not a JSON object of alias -> version number")
 
     def list(self) -> list[dict[str, Any]]:
         """One summary per model name: versions, latest, aliases."""
@@ -241,11 +232,23 @@ class Registry:
             raise RegistryError(f"registry://{name}/{version}: no {VERSION_FILE}; not a complete version") from None
         except json.JSONDecodeError as exc:
             raise RegistryError(f"registry://{name}/{version}: {VERSION_FILE} is not valid JSON ({exc})") from None
-        if info.get("format_version") != FORMAT_VERSION or info.get("version") != version \
-                or info.get("name") != name or not isinstance(info.get("files"), dict):
+        if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION \
+                or info.get("version") != version or info.get("name") != name:
             raise RegistryError(f"registry://{name}/{version}: {VERSION_FILE} does not describe this version "
                                 f"(format {info.get('format_version')!r}, name {info.get('name')!r}, "
                                 f"version {info.get('version')!r})")
+        files = info.get("files")
+        # Only the layout's own names: a name from this file becomes a path when the version is fetched.
+        if not isinstance(files, dict) or set(files) != set(CHECKPOINT_FILES) or not all(
+                isinstance(e, dict) and isinstance(e.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
+                and type(e.get("bytes")) is int and e["bytes"] >= 0 for e in files.values()):
+            raise RegistryError(f"registry://{name}/{version}: {VERSION_FILE} 'files' must map exactly "
+                                f"{', '.join(CHECKPOINT_FILES)} to {{sha256, bytes}}; got {sorted(files or [])!r}"[:300])
+        if self.trust:
+            try:
+                check_signature(info, self.trust, f"registry://{name}/{version} ({VERSION_FILE})")
+            except SignatureError as exc:
+                raise RegistryError(str(exc)) from None
         return info
 
     # --- verification -------------------------------------------------------------------------
@@ -330,25 +333,29 @@ class Registry:
 
     # --- writing ------------------------------------------------------------------------------
     def publish(self, ckpt_url: str, name: str, alias: str | None = None,
-                lineage: dict[str, Any] | None = None) -> int:
-        """Copy a checkpoint (without train_state/) into a new immutable version; returns its number."""
+                lineage: dict[str, Any] | None = None, sign_key=None) -> int:
+        """Copy a checkpoint (without train_state/) into a new immutable version; returns its number.
+        sign_key: an Ed25519 private key (cluster.signing) that signs version.json."""
         validate_name(name, "name")
         if alias is not None:
             self._check_alias_name(alias)
-        reserved = sorted({"format_version", "name", "version", "files"} & set(lineage or {}))
+        reserved = sorted({"format_version", "name", "version", "files", "signature"} & set(lineage or {}))
         if reserved:
             raise RegistryError(f"lineage: keys {', '.join(reserved)} are set by the registry itself")
         src_fs, src = fsspec.core.url_to_fs(str(ckpt_url).rstrip("/"))
         sums_path = posixpath.join(src, SUMS_FILE)
         if not src_fs.exists(sums_path):
             raise RegistryError(f"{ckpt_url}: no {SUMS_FILE}; not a complete checkpoint")
-        with src_fs.open(sums_path, "rb") as f:
-            sums = _parse_sums(f.read().decode(), f"{ckpt_url}/{SUMS_FILE}")
+        try:
+            with src_fs.open(sums_path, "rb") as f:
+                sums = parse_sums(f.read(), f"{ckpt_url}/{SUMS_FILE}")
+        except CheckpointError as exc:
+            raise RegistryError(str(exc)) from None
         sums = {rel: d for rel, d in sums.items() if rel.split("/")[0] != TRAIN_STATE_DIR}
         missing = [rel for rel in REQUIRED_FILES if rel not in sums]
         if missing:
             raise RegistryError(f"{ckpt_url}/{SUMS_FILE}: does not list {', '.join(missing)}")
-        with src_fs.open(posixpath.join(src, "config.json"), "rb") as f:
+        with src_fs.open(posixpath.join(src, CONFIG_FILE), "rb") as f:
             config = json.loads(f.read())
 
         staging = self._path(name, STAGING_DIR, uuid.uuid4().hex)
@@ -361,7 +368,7 @@ class Registry:
                                         f"({expected[:12]}); the checkpoint is damaged, not publishing")
                 files[rel] = {"sha256": digest, "bytes": size}
             # SHA256SUMS without train_state/ lines, so that the published folder checks out on load.
-            sums_bytes = _format_sums(sums)
+            sums_bytes = format_sums(sums)
             with self.fs.open(posixpath.join(staging, SUMS_FILE), "wb") as f:
                 f.write(sums_bytes)
             files[SUMS_FILE] = {"sha256": hashlib.sha256(sums_bytes).hexdigest(), "bytes": len(sums_bytes)}
@@ -372,6 +379,8 @@ class Registry:
                 self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
                 self.fs.mv(posixpath.join(staging, rel), dst)
             info = self._version_info(name, version, str(ckpt_url), config, files, lineage or {})
+            if sign_key is not None:
+                info["signature"] = sign(info, sign_key)
             body = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
             if not create_exclusive(self.fs, posixpath.join(folder, VERSION_FILE), body):
                 raise RegistryError(f"registry://{name}/{version}: {VERSION_FILE} appeared under our claim; "
@@ -445,8 +454,12 @@ class Registry:
         return FileLock(self.fs, self._path(name, ALIASES_FILE + ".lock"), stale_s=ALIAS_LOCK_STALE_S)
 
 
-def resolve_checkpoint_uri(uri_or_path: str, registry_root: str | None = None) -> str:
-    """A registry URI -> verified local checkpoint folder; anything else is returned unchanged."""
+def resolve_checkpoint_uri(uri_or_path: str, registry_root: str | None = None, trust: list | None = None) -> str:
+    """A registry URI -> verified local checkpoint folder; anything else is returned unchanged, unless
+    `trust` (Ed25519 public keys) is given: a plain folder carries no signature and is refused."""
     if not str(uri_or_path).startswith(SCHEME):
+        if trust:
+            raise RegistryError(f"{uri_or_path}: only registry versions are signed; with --trust the checkpoint "
+                                "must be a registry:// URI")
         return str(uri_or_path)
-    return Registry(registry_root).resolve(str(uri_or_path))
+    return Registry(registry_root, trust=trust).resolve(str(uri_or_path))

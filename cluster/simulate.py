@@ -5,8 +5,12 @@
 2. ingest:   `megaclass ingest` of that table on a local Ray (one task per shard)
 3. pretrain: `megaclass pretrain` with DDP workers on a local Ray (Ray Train)
 4. publish:  `megaclass registry publish` of the run's final/ checkpoint into a local registry
-5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set
-6. evaluate: `megaclass evaluate` of the fine-tuned model on the downstream validation folder
+5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set, and
+             alongside it the same command with `--scratch --no-ray`: the baseline from random weights
+6. evaluate: `megaclass evaluate` of both fine-tuned models on the downstream validation folder; the
+             report gives both top-1 and the gain from pretraining in points
+7. with --detection: `megaclass finetune --task detection` of the same published backbone on a COCO
+   JSON set of several objects per cluttered image, then `megaclass evaluate` of the detector (COCO mAP)
 
 Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
 SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
@@ -31,15 +35,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster import synthetic
+from cluster import synthetic, synthetic_detection
 from cluster.chaos import ProcessKiller
 from cluster.localcluster import LocalRayCluster, NodeKiller, S3Server, running_task
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
+from data_pipeline import ALLOCATOR_ENV
 from data_pipeline.config import ConfigError, doc, require
 from pretrain.checkpoint import list_checkpoints
 
@@ -56,6 +62,9 @@ class WebSection:
     downstream_train_per_class: int = doc("downstream training images per class", 10)
     downstream_val_per_class: int = doc("downstream validation images per class", 10)
     seed: int = doc("seed of the drawn images", 0)
+    detection_classes: int = doc("object classes of the detection set (with --detection)", 4)
+    detection_train_images: int = doc("detection training images (several objects each)", 64)
+    detection_val_images: int = doc("detection validation images", 24)
 
     def validate(self) -> None:
         require(self.upstream_classes >= 2, "web.upstream_classes", "must be >= 2")
@@ -73,6 +82,9 @@ class SimulationConfig:
     finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
     chaos: bool = doc("kill one ingestion task and one training worker mid-run (with nodes > 1: the second node)",
                       False)
+    detection: bool = doc("add the detection stages (finetune --task detection, evaluate with COCO mAP)", False)
+    detection_config: str = doc("detection finetune YAML ('' = the embedded simulate-detection.yaml)", "")
+    detection_overrides: list[str] = doc("extra --set overrides for the detection finetune", [])
     stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
     storage: str = doc("where dataset, run dirs and registry live: local (the workdir) or s3 (an S3 API server, "
                        "moto's, started for the simulation)", "local")
@@ -93,6 +105,17 @@ BROKEN_FILES = {
     "broken/truncated.jpg": (None, "truncated"),
 }
 MISSING_URL = "broken/missing.jpg"
+
+
+@dataclass
+class _Running:
+    """A stage's process while it runs."""
+    name: str
+    proc: subprocess.Popen
+    out: Any
+    log_path: Path
+    started: float
+    killer: ProcessKiller | None
 
 
 @dataclass
@@ -117,13 +140,16 @@ class Simulation:
             "run": self.workdir / "runs" / "pretrain",
             "registry": self.workdir / "registry",
             "finetune": self.workdir / "runs" / "finetune",
+            "finetune-scratch": self.workdir / "runs" / "finetune-scratch",
             "evaluation": self.workdir / "evaluation",
+            "evaluation-scratch": self.workdir / "evaluation-scratch",
+            "detection": self.workdir / "detection",
+            "detector": self.workdir / "runs" / "detection",
+            "detection_evaluation": self.workdir / "evaluation-detection",
         }
         self.env = dict(os.environ)
         self.env.update({
-            "MEGACLASS_REGISTRY": str(self.paths["registry"]),
-            "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-            "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0",
+            "MEGACLASS_REGISTRY": str(self.paths["registry"]), **ALLOCATOR_ENV, "RAY_USAGE_STATS_ENABLED": "0",
         })
 
     # -- stages ---------------------------------------------------------------------------------
@@ -145,6 +171,12 @@ class Simulation:
             elif payload is None:
                 payload = synthetic.jpeg_bytes(synthetic.render(upstream[0], 1, (200, 200)))[:700]
             path.write_bytes(payload)
+        if self.cfg.detection:
+            classes = synthetic_detection.detection_classes(web.detection_classes, web.seed)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "train", classes, web.detection_train_images,
+                                               seed=web.seed + 1)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "val", classes, web.detection_val_images,
+                                               seed=web.seed + 2)
         self._web_rows = [(str(p.relative_to(self.paths["web"])), label) for p, label in written]
         self._broken_rows = [(rel, "broken") for rel in (*BROKEN_FILES, MISSING_URL)]
 
@@ -157,30 +189,39 @@ class Simulation:
         return table.num_rows
 
     def run_stage(self, name: str, args: list[str], killer: ProcessKiller | None = None) -> StageResult:
+        return self.wait_stage(self.start_stage(name, args, killer))
+
+    def start_stage(self, name: str, args: list[str], killer: ProcessKiller | None = None) -> "_Running":
         cmd = [sys.executable, "-m", "cluster", *args]
         log.info("stage %s: megaclass %s", name, " ".join(args))
-        started = time.perf_counter()
         log_path = self.workdir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
-            if killer is not None:
-                killer.start(proc.pid)
-            try:
-                code = proc.wait(timeout=self.cfg.stage_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = -1
-            finally:
-                if killer is not None:
-                    killer.stop()
-        result = StageResult(name, time.perf_counter() - started, {"log": str(log_path)})
+        out = open(log_path, "wb")
+        running = _Running(name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                  cwd=self.workdir), out, log_path, time.perf_counter(), killer)
         if killer is not None:
-            result.details["chaos"] = killer.report()
+            killer.start(running.proc.pid)
+        return running
+
+    def wait_stage(self, running: "_Running") -> StageResult:
+        try:
+            code = running.proc.wait(timeout=max(1.0, self.cfg.stage_timeout_s - (time.perf_counter() - running.started)))
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait()
+            code = -1
+        finally:
+            running.out.close()
+            if running.killer is not None:
+                running.killer.stop()
+        result = StageResult(running.name, time.perf_counter() - running.started, {"log": str(running.log_path)})
+        if running.killer is not None:
+            result.details["chaos"] = running.killer.report()
         self.stages.append(result)
         if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            raise RuntimeError(f"stage {name} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
+            tail = running.log_path.read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(f"stage {running.name} failed (exit {code}); last lines of {running.log_path}:\n"
+                               + "\n".join(tail))
         return result
 
     def prepare_workdir(self) -> None:
@@ -244,16 +285,42 @@ class Simulation:
         self.run_stage("publish", ["registry", "publish", posixpath.join(str(self.paths["run"]), "final"),
                                    "--name", "sim-backbone", "--registry", str(self.paths["registry"])])
         finetune_cfg = self.cfg.finetune_config or str(CONFIG_DIR / "simulate-finetune.yaml")
-        self.run_stage("finetune", ["finetune", "--checkpoint", "registry://sim-backbone@latest",
-                                    "--registry", str(self.paths["registry"]),
-                                    "--train", str(self.paths["downstream"] / "train"),
-                                    "--val", str(self.paths["downstream"] / "val"),
-                                    "--config", finetune_cfg,
-                                    "--set", f"checkpoint.url={self.paths['finetune']}",
-                                    *(a for o in self.cfg.finetune_overrides for a in ("--set", o))])
-        self.run_stage("evaluate", ["evaluate", posixpath.join(str(self.paths["finetune"]), "final"),
-                                    str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        finetune_args = ["finetune", "--checkpoint", "registry://sim-backbone@latest",
+                         "--registry", str(self.paths["registry"]), "--train", str(self.paths["downstream"] / "train"),
+                         "--val", str(self.paths["downstream"] / "val"), "--config", finetune_cfg,
+                         *(a for o in self.cfg.finetune_overrides for a in ("--set", o))]
+        # The baseline: the same fine-tune from random weights (--scratch), in parallel on the other core
+        # (--no-ray: one rank in its own process), so the report can say what pretraining was worth.
+        baseline = self.start_stage("finetune-scratch", [*finetune_args, "--scratch", "--no-ray", "--set",
+                                                         f"checkpoint.url={self.paths['finetune-scratch']}"])
+        try:
+            self.run_stage("finetune", [*finetune_args, "--set", f"checkpoint.url={self.paths['finetune']}"])
+        finally:
+            self.wait_stage(baseline)
+        scratch_eval = self.start_stage("evaluate-scratch", [
+            "evaluate", str(self.paths["finetune-scratch"] / "final"), str(self.paths["downstream"] / "val"),
+            "--out", str(self.paths["evaluation-scratch"])])
+        try:
+            self.run_stage("evaluate", ["evaluate", posixpath.join(str(self.paths["finetune"]), "final"),
+                                        str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
+        finally:
+            self.wait_stage(scratch_eval)
+        if self.cfg.detection:
+            self.run_detection()
         return build_report(self, time.perf_counter() - started)
+
+    def run_detection(self) -> None:
+        detection_cfg = self.cfg.detection_config or str(CONFIG_DIR / "simulate-detection.yaml")
+        data = self.paths["detection"]
+        self.run_stage("detection", ["finetune", "--task", "detection", "--checkpoint", "registry://sim-backbone@latest",
+                                     "--train", str(data / "train" / "instances.json"),
+                                     "--val", str(data / "val" / "instances.json"), "--config", detection_cfg,
+                                     "--set", f"checkpoint.url={self.paths['detector']}",
+                                     "--set", f"data.cache_url={self.workdir / 'cache'}",
+                                     *(a for o in self.cfg.detection_overrides for a in ("--set", o))])
+        self.run_stage("evaluate-detection", ["evaluate", str(self.paths["detector"] / "final"),
+                                              str(data / "val" / "instances.json"),
+                                              "--out", str(self.paths["detection_evaluation"])])
 
 
 class _AfterCheckpoint(ProcessKiller):

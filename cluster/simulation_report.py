@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from pretrain.rundir import EVAL_TOP1, EVENT, IMAGES_PER_S, LOSS, STEP, read_metrics
+
 if TYPE_CHECKING:
     from cluster.simulate import Simulation
 
@@ -24,11 +26,6 @@ def _join(base, *parts: str) -> str:
 def _read_text(url: str) -> str | None:
     fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # written by other processes just now
     return fs.cat_file(path).decode() if fs.exists(path) else None
-
-
-def _read_jsonl(url: str) -> list[dict]:
-    text = _read_text(url) or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _last(records: list[dict], key: str):
@@ -59,18 +56,18 @@ def _ingest(sim: "Simulation", seconds: float) -> dict:
 
 
 def _training(run_dir) -> dict:
-    records = _read_jsonl(_join(run_dir, "metrics.jsonl"))
-    steps = [r for r in records if "loss" in r]
+    records = read_metrics(str(run_dir))
+    steps = [r for r in records if LOSS in r]
     config = json.loads(_read_text(_join(run_dir, "final", "config.json")) or "{}")
     block = config.get("megaclass", {})
     return {
-        "final_step": block.get("step", _last(steps, "step")),
+        "final_step": block.get("step", _last(steps, STEP)),
         "max_steps": (block.get("training_config") or block.get("config") or {}).get("train", {}).get("max_steps"),
-        "loss_first": steps[0]["loss"] if steps else None,
-        "loss_last": _last(steps, "loss"),
-        "top1": _last(records, "eval_top1"),
-        "images_per_s": _last(records, "images_per_s"),
-        "resumes": [r for r in records if r.get("event") == "resume"],
+        "loss_first": steps[0][LOSS] if steps else None,
+        "loss_last": _last(steps, LOSS),
+        "top1": _last(records, EVAL_TOP1),
+        "images_per_s": _last(records, IMAGES_PER_S),
+        "resumes": [r for r in records if r.get(EVENT) == "resume"],
     }
 
 
@@ -80,24 +77,36 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
     pretrain = _training(sim.paths["run"])
     finetune = _training(sim.paths["finetune"])
     evaluation = json.loads(_read_text(_join(sim.paths["evaluation"], "report.json")))
+    scratch_text = _read_text(_join(sim.paths["evaluation-scratch"], "report.json"))
+    scratch_top1 = json.loads(scratch_text).get("top1") if scratch_text else None
     report = {
         "seconds": {name: round(s.seconds, 1) for name, s in stages.items()} | {"total": round(total_s, 1)},
         "ingest": ingest,
         "pretrain": pretrain,
         "finetune": finetune,
         "downstream": {"top1": evaluation.get("top1"), "top5": evaluation.get("top5"),
-                       "num_samples": evaluation.get("num_samples")},
+                       "num_samples": evaluation.get("num_samples"), "scratch_top1": scratch_top1,
+                       "gain_points": None if scratch_top1 is None or evaluation.get("top1") is None
+                       else round(100 * (evaluation["top1"] - scratch_top1), 1)},
         "artifacts": {name: str(path) for name, path in sim.paths.items()}
         | {"published": _join(sim.paths["registry"], "sim-backbone"),
            "logs": str(sim.workdir / "logs")},
         "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},
     }
+    if "evaluate-detection" in stages:
+        det = json.loads((sim.paths["detection_evaluation"] / "report.json").read_text())
+        report["detection"] = {"map": det.get("map"), "map_50": det.get("map_50"), "map_75": det.get("map_75"),
+                               "num_images": det.get("num_images"), "detector": det.get("detector"),
+                               "final_step": _training(sim.paths["detector"])["final_step"]}
     checks = {
         "rows balance (ok + failed + skipped == rows)": ingest["balanced"] and ingest["rows_in"] == stages["ingest"].details.get("rows"),
         "pretraining reached its final step": pretrain["final_step"] is not None
         and (pretrain["max_steps"] in (None, 0) or pretrain["final_step"] >= pretrain["max_steps"]),
         "downstream model evaluated": report["downstream"]["top1"] is not None,
+        "scratch baseline evaluated (same budget)": report["downstream"]["scratch_top1"] is not None,
     }
+    if "detection" in report:
+        checks["detector trained and evaluated (COCO mAP reported)"] = report["detection"]["map"] is not None
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
         what = "the second Ray node" if sim.cfg.nodes > 1 else "an ingestion task"
@@ -134,8 +143,15 @@ def format_report(report: dict) -> str:
         f"{_fmt(fin['images_per_s'], '.1f')} images/s",
         f"{'evaluate':<10}{secs.get('evaluate', 0):>9.1f}  downstream top-1 {_fmt(down['top1'], '.3f')}, "
         f"top-5 {_fmt(down['top5'], '.3f')} on {_fmt(down['num_samples'])} images",
-        f"{'total':<10}{secs['total']:>9.1f}",
+        f"{'':<21}from scratch (--scratch, same budget): top-1 {_fmt(down['scratch_top1'], '.3f')}; "
+        f"gain from the pretrained backbone {_fmt(down['gain_points'], '+.1f')} points",
     ]
+    if "detection" in report:
+        det = report["detection"]
+        lines.append(f"{'detection':<10}{secs.get('detection', 0) + secs.get('evaluate-detection', 0):>9.1f}  "
+                     f"{det['detector']} step {_fmt(det['final_step'])}: mAP {_fmt(det['map'], '.3f')}, "
+                     f"mAP@.5 {_fmt(det['map_50'], '.3f')} on {_fmt(det['num_images'])} images")
+    lines.append(f"{'total':<10}{secs['total']:>9.1f}")
     for name, chaos in report["chaos"].items():
         for kill in chaos["killed"]:
             lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s"

@@ -12,6 +12,7 @@ that every stage can use it without importing another stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -28,12 +29,31 @@ class ConfigError(ValueError):
     """A configuration or command-line mistake, raised before any work starts."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with a one-line doc (shown by `describe`)."""
+def doc(text: str, default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line doc (shown by `describe`) and optional numeric bounds.
+
+    `ge`/`gt`/`le`/`lt` (>=, >, <=, <) are checked on every load, before `validate()`, and a value
+    outside them fails with a ConfigError naming the field and the range.
+    """
+    bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    metadata = {"doc": text, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
-    return dataclasses.field(default=default, metadata={"doc": text}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+_BOUND_CHECKS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+                 "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_bounds(value: Any, bounds: Mapping[str, float], where: str) -> None:
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not all(_BOUND_CHECKS[name][1](value, bound) for name, bound in bounds.items()):
+        wanted = " and ".join(f"{_BOUND_CHECKS[name][0]} {bound}" for name, bound in bounds.items())
+        raise ConfigError(f"{where}: must be {wanted}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -142,6 +162,8 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+    for f in dataclasses.fields(cls):
+        _check_bounds(getattr(obj, f.name), f.metadata.get("bounds", {}), f"{prefix}.{f.name}" if prefix else f.name)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
@@ -200,11 +222,18 @@ def read_yaml(url: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> T:
-    """Defaults < `base` < YAML file at `path` < `overrides`; returns a validated frozen instance."""
+                base: Mapping[str, Any] | None = None, flags: Mapping[str, Any] | None = None) -> T:
+    """Defaults < `base` < YAML file at `path` < `flags` < `overrides`; returns a validated frozen instance.
+
+    `flags` maps dotted keys to command-line flag values ({"data.url": "/d"}); None means not given.
+    """
     data: dict[str, Any] = dict(base or {})
     if path:
         data = merge(data, read_yaml(path))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            *sections, name = key.split(".")
+            data = merge(data, functools.reduce(lambda inner, part: {part: inner}, reversed(sections), {name: value}))
     data = merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
@@ -248,8 +277,22 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+        bounds = ", ".join(f"{_BOUND_CHECKS[k][0]} {v}" for k, v in f.metadata.get("bounds", {}).items())
+        lines.append(f"{name} ({_type_name(tp)}, default {default!r}{', ' + bounds if bounds else ''}): "
+                     f"{f.metadata.get('doc', '')}")
     return lines
+
+
+def finite_float(text: str) -> float:
+    """argparse `type=` for numeric flags: a finite float ("inf", "nan", "1e400" are refused)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def require(condition: bool, field_name: str, message: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_row", pa.int64()), ("url", pa.string()), ("label", pa.string()),
     ("class_id", pa.int32()), ("status", pa.string()), ("reason", pa.string()), ("split", pa.string()),
     ("shard", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
-    ("sha256", pa.string()),
+    ("sha256", pa.string()), ("attempts", pa.int32()),
 ])
 STATUSES = ("ok", "failed", "skipped")
 
@@ -105,6 +106,22 @@ def atomic_write_table(url: str, table: pa.Table) -> None:
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
+
+
+def is_local(url_or_fs: Any) -> bool:
+    """True for a path on this machine's file system (plain path or file://), given a URL or an fsspec fs."""
+    if isinstance(url_or_fs, (str, os.PathLike)):  # from the URL alone: no file system is imported or built
+        return fsspec.utils.get_protocol(str(url_or_fs)) in ("file", "local")
+    protocol = url_or_fs.protocol
+    return "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+
+
+def read_jsonl(url: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped); [] when the file does not exist."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if not fs.exists(path):
+        return []
+    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
 
 
 def read_json(url: str) -> Any:

@@ -1,44 +1,80 @@
-"""Download one image URL under the ingestion rules: policy, redirects, byte cap, deadline, opt-out.
+"""Download one image URL under the ingestion rules: schemes, policy, redirects, byte cap, deadline, retries.
 
 http(s) is fetched with `http.client` rather than requests/urllib3 because we must connect to
 an address we checked ourselves (see `netpolicy`) while keeping the Host header and TLS server
-name of the URL; pooling libraries resolve names on their own. Any other scheme (file, s3, gs,
-memory, ...) is read through fsspec under the same byte cap.
+name of the URL; pooling libraries resolve names on their own. Other schemes (file, s3, memory,
+...) are refused unless opened explicitly (`allow_schemes`); an opened one is read through fsspec
+under the same byte cap. fsspec chains (`simplecache::http://...`) are always refused.
+
+Every attempt has one wall-clock deadline covering DNS, connect, TLS, headers and body of all
+redirect hops: a watchdog shuts the socket down when it passes, so a server dripping one header
+byte at a time cannot hold a fetch longer. Transient failures (timeouts, connection errors,
+temporary DNS failures, HTTP 408/429/5xx, truncated bodies) are retried with exponential backoff
+and full jitter, honouring `Retry-After` up to a cap, until the URL's own deadline.
 
 A failure is never raised: `fetch()` returns a `Fetched` with a short, stable `reason`
-(`http_404`, `timeout`, `connection_error`, `dns_error`, `blocked_address`, `too_large`,
-`redirect_loop`, `too_many_redirects`, `opt_out`, `bad_url`, `not_found`, `read_error`).
+(`http_404`, `timeout`, `connection_error`, `dns_error`, `dns_temporary`, `blocked_address`,
+`refused_scheme`, `too_large`, `redirect_loop`, `too_many_redirects`, `opt_out`, `bad_url`,
+`bad_response`, `tls_error`, `truncated`, `not_found`, `read_error`) and the attempts made.
 """
 
 from __future__ import annotations
 
+import email.utils
+import functools
+import heapq
 import http.client
+import ipaddress
+import itertools
+import logging
+import os
+import random
 import socket
 import ssl
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import fsspec
 
-from data_pipeline.netpolicy import BlockedAddress, NetworkPolicy, ResolveError
+from data_pipeline.netpolicy import BlockedAddress, NetworkPolicy, ResolveError, TemporaryResolveError
+
+log = logging.getLogger(__name__)
 
 HTTP_SCHEMES = ("http", "https")
+MAX_URL_CHARS = 4096
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 DEFAULT_OPTOUT = ("noai", "noimageai", "noindex", "noimageindex")
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "dns_temporary", "truncated", "http_408",
+                               "http_429"})
+PATH_SAFE = "/%:@!$&'()*+,;=~-._"
+
+
+def is_transient(reason: str) -> bool:
+    """Reasons worth another attempt (now with backoff, or later with `--retry-failed`)."""
+    return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and len(reason) == 8)
 
 
 @dataclass(frozen=True)
 class FetchOptions:
-    timeout_s: float = 10.0           # whole download (connect + headers + body), all hops
+    timeout_s: float = 10.0           # one attempt: DNS + connect + headers + body, all hops
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 5
     honour_optout: bool = True
     optout_directives: tuple = DEFAULT_OPTOUT
     user_agent: str = "megaclass/0.1 (+dataset ingestion; honours X-Robots-Tag noai)"
     policy: NetworkPolicy = NetworkPolicy()
+    allow_schemes: tuple = HTTP_SCHEMES
+    ca_file: str | None = None        # PEM bundle trusted in addition to the system CAs
+    retries: int = 2                  # further attempts after a transient failure
+    retry_backoff_s: float = 0.5      # first backoff ceiling; doubles per attempt, full jitter
+    max_retry_after_s: float = 10.0   # Retry-After is honoured up to this
+    deadline_s: float = 30.0          # all attempts and waits of one URL
 
 
 @dataclass(frozen=True)
@@ -46,60 +82,103 @@ class Fetched:
     data: bytes | None
     reason: str = ""          # empty when data is set
     final_url: str = ""
+    attempts: int = 1
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, retry_after_s: float | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 def fetch(url: str, opts: FetchOptions) -> Fetched:
     """Bytes of `url` or the reason why not; never raises for bad data or bad hosts."""
-    scheme = urlsplit(url).scheme.lower()
+    url_deadline = time.monotonic() + opts.deadline_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            data, final_url = _fetch_once(url, opts, min(url_deadline, time.monotonic() + opts.timeout_s))
+            return Fetched(data, "", final_url, attempts)
+        except _Failure as failure:
+            if not is_transient(failure.reason) or attempts > opts.retries:
+                return Fetched(None, failure.reason, "", attempts)
+            if failure.retry_after_s is not None:
+                wait = min(failure.retry_after_s, opts.max_retry_after_s)
+            else:
+                wait = random.uniform(0, opts.retry_backoff_s * 2 ** (attempts - 1))
+            if time.monotonic() + wait >= url_deadline:
+                return Fetched(None, failure.reason, "", attempts)
+            time.sleep(wait)
+
+
+def clean_url(url: str) -> str:
+    """A URL safe to put on the wire: length and control characters checked, non-ASCII encoded.
+
+    Non-ASCII paths and queries are percent-encoded as browsers do, IDN hosts IDNA-encoded,
+    user info dropped; anything urlsplit cannot parse (`http://[::1/x`) is `bad_url`.
+    """
+    if not url or len(url) > MAX_URL_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise _Failure("bad_url")
     try:
-        if scheme in HTTP_SCHEMES:
-            data, final_url = _fetch_http(url, opts)
-            return Fetched(data, "", final_url)
-        return Fetched(_fetch_fsspec(url, opts.max_bytes), "", url)
-    except _Failure as failure:
-        return Fetched(None, failure.reason)
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        raise _Failure("bad_url") from None
+    if parts.scheme.lower() not in HTTP_SCHEMES:
+        return url
+    if not host:
+        raise _Failure("bad_url")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise _Failure("bad_url") from None
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme.lower(), netloc, quote(parts.path, safe=PATH_SAFE),
+                       quote(parts.query, safe=PATH_SAFE + "?"), ""))
+
+
+def _fetch_once(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, str]:
+    # the whole prefix: an fsspec chain (`simplecache::http`) is no scheme anyone can open
+    scheme = url.split("://", 1)[0].strip().lower() if "://" in url else ""
+    if not scheme:
+        raise _Failure("bad_url")
+    if scheme not in opts.allow_schemes:
+        raise _Failure("refused_scheme")
+    url = clean_url(url)
+    if scheme in HTTP_SCHEMES:
+        return _fetch_http(url, opts, deadline)
+    return _fetch_fsspec(url, opts.max_bytes), url
 
 
 def _fetch_fsspec(url: str, max_bytes: int) -> bytes:
     try:
         with fsspec.open(url, "rb") as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise _Failure("not_found") from None
-    except IsADirectoryError:
+    except (FileNotFoundError, IsADirectoryError):
         raise _Failure("not_found") from None
     except (ValueError, ImportError):
         raise _Failure("bad_url") from None
-    except OSError:
+    except Exception as exc:  # fsspec backends raise their own types (ftplib.error_perm, botocore, ...)
+        log.info("read_error %s: %s: %s", url, type(exc).__name__, exc)
         raise _Failure("read_error") from None
     if len(data) > max_bytes:
         raise _Failure("too_large")
     return data
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a fixed, already-checked IP, verifying the certificate for the URL's host."""
-
-    def __init__(self, ip: str, host: str, port: int, timeout: float, context: ssl.SSLContext):
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._ip = ip
-        self._context = context
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-def _open_connection(scheme: str, ip: str, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
-    if scheme == "https":
-        return _PinnedHTTPSConnection(ip, host, port, timeout, ssl.create_default_context())
-    return http.client.HTTPConnection(ip, port, timeout=timeout)
+@functools.lru_cache(maxsize=8)
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """System CAs plus `ca_file`; built once per process (loading the store costs milliseconds)."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 def opted_out(header_values: Sequence[str], directives: Sequence[str], agent: str = "megaclass") -> bool:
@@ -125,39 +204,60 @@ def opted_out(header_values: Sequence[str], directives: Sequence[str], agent: st
     return False
 
 
-def _fetch_http(url: str, opts: FetchOptions) -> tuple[bytes, str]:
-    deadline = time.monotonic() + opts.timeout_s
-    seen = {url}
-    for _hop in range(opts.max_redirects + 1):
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in HTTP_SCHEMES or not parts.hostname:
-            raise _Failure("bad_url")
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-        except ValueError:
-            raise _Failure("bad_url") from None
-        try:
-            addresses = opts.policy.resolve(parts.hostname, port)
-        except BlockedAddress:
-            raise _Failure("blocked_address") from None
-        except ResolveError:
-            raise _Failure("dns_error") from None
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        status, location, body = _request(scheme, str(addresses[0]), parts.hostname, port, parts.netloc,
-                                          target, deadline, opts)
-        if status in REDIRECT_STATUSES:
-            if not location:
-                raise _Failure(f"http_{status}")
-            url = urljoin(url, location)
-            if url in seen:
-                raise _Failure("redirect_loop")
-            seen.add(url)
-            continue
-        return body, url
-    raise _Failure("too_many_redirects")
+class _Watchdog:
+    """Shuts a socket down when its deadline passes, whatever read it is blocked in.
+
+    Per-call socket timeouts restart on every byte; only a wall clock outside the reading
+    thread bounds a slow drip. One thread serves every fetch of the process.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, int]] = []
+        self._live: set[int] = set()
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, fd: int, deadline: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            heapq.heappush(self._heap, (deadline, token, fd))
+            self._live.add(token)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def cancel(self, token: int) -> None:
+        """Must run before the socket is closed: a shut-down fd is never one reused by now."""
+        with self._cond:
+            self._live.discard(token)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, fd = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                self._live.discard(token)
+                try:
+                    with socket.socket(fileno=os.dup(fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by the peer: nothing left to interrupt
+
+
+_WATCHDOG = _Watchdog()
+_RESOLVER = ThreadPoolExecutor(max_workers=32, thread_name_prefix="resolve")  # getaddrinfo has no timeout
 
 
 def _remaining(deadline: float) -> float:
@@ -167,11 +267,90 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _request(scheme: str, ip: str, host: str, port: int, netloc: str, target: str, deadline: float,
-             opts: FetchOptions) -> tuple[int, str | None, bytes]:
-    """One GET; returns (status, Location, body). Body is read only for a 200."""
-    conn = _open_connection(scheme, ip, host, port, _remaining(deadline))
+def _resolve(policy: NetworkPolicy, host: str, port: int, deadline: float) -> list:
     try:
+        try:
+            ipaddress.ip_address(host)
+            return policy.resolve(host, port)  # a literal: no lookup to wait for
+        except ValueError:
+            pass
+        return _RESOLVER.submit(policy.resolve, host, port).result(timeout=_remaining(deadline))
+    except FutureTimeout:
+        raise _Failure("timeout") from None
+    except BlockedAddress:
+        raise _Failure("blocked_address") from None
+    except TemporaryResolveError:
+        raise _Failure("dns_temporary") from None
+    except ResolveError:
+        raise _Failure("dns_error") from None
+
+
+def _fetch_http(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, str]:
+    seen = {url}
+    for _hop in range(opts.max_redirects + 1):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        addresses = _resolve(opts.policy, parts.hostname, port, deadline)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        status, location, body = _request(scheme, addresses, parts.hostname, port, parts.netloc, target,
+                                          deadline, opts)
+        if status in REDIRECT_STATUSES:
+            if not location:
+                raise _Failure(f"http_{status}")
+            try:
+                url = urljoin(url, location.strip())
+            except ValueError:
+                raise _Failure("bad_url") from None
+            if urlsplit(url).scheme.lower() not in HTTP_SCHEMES:
+                raise _Failure("refused_scheme")  # a redirect never leaves http(s)
+            url = clean_url(url)
+            if url in seen:
+                raise _Failure("redirect_loop")
+            seen.add(url)
+            continue
+        return body, url
+    raise _Failure("too_many_redirects")
+
+
+def _connect(addresses: list, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to the first checked address that answers (never a re-resolved one)."""
+    last: OSError | None = None
+    for ip in addresses:
+        try:
+            return socket.create_connection((str(ip), port), timeout=_remaining(deadline))
+        except OSError as exc:
+            last = exc
+    _remaining(deadline)
+    raise _Failure("connection_error") from last
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _request(scheme: str, addresses: list, host: str, port: int, netloc: str, target: str, deadline: float,
+             opts: FetchOptions) -> tuple[int, str | None, bytes]:
+    """One GET to a checked address; returns (status, Location, body). Body is read only for a 200."""
+    sock = _connect(addresses, port, deadline)
+    token = _WATCHDOG.watch(sock.fileno(), deadline)
+    conn = http.client.HTTPConnection(host, port)
+    try:
+        if scheme == "https":
+            sock = tls_context(opts.ca_file).wrap_socket(sock, server_hostname=host)
+        conn.sock = sock
+        sock.settimeout(_remaining(deadline))
         conn.putrequest("GET", target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", netloc.rpartition("@")[2])
         conn.putheader("User-Agent", opts.user_agent)
@@ -179,13 +358,13 @@ def _request(scheme: str, ip: str, host: str, port: int, netloc: str, target: st
         conn.putheader("Accept-Encoding", "identity")
         conn.putheader("Connection", "close")
         conn.endheaders()
-        sock = conn.sock  # getresponse() may hand the socket to the response and drop conn.sock
         response = conn.getresponse()
         status = response.status
         if status in REDIRECT_STATUSES:
             return status, response.getheader("Location"), b""
         if status != 200:
-            raise _Failure(f"http_{status}")
+            retry_after = _retry_after(response.getheader("Retry-After")) if status in (429, 503) else None
+            raise _Failure(f"http_{status}", retry_after)
         if opts.honour_optout and opted_out(response.headers.get_all("X-Robots-Tag") or [],
                                             opts.optout_directives):
             raise _Failure("opt_out")
@@ -193,16 +372,29 @@ def _request(scheme: str, ip: str, host: str, port: int, netloc: str, target: st
         if length and length.strip().isdigit() and int(length) > opts.max_bytes:
             raise _Failure("too_large")
         return status, None, _read_capped(sock, response, deadline, opts.max_bytes)
+    except _Failure:
+        raise
     except (socket.timeout, TimeoutError):
         raise _Failure("timeout") from None
-    except http.client.IncompleteRead:
-        raise _Failure("truncated") from None
     except ssl.SSLError:
-        raise _Failure("tls_error") from None
-    except (http.client.HTTPException, OSError):
-        raise _Failure("connection_error") from None
+        raise _Failure(_late(deadline) or "tls_error") from None
+    except http.client.IncompleteRead:
+        raise _Failure(_late(deadline) or "truncated") from None
+    except (http.client.RemoteDisconnected, ConnectionError):
+        raise _Failure(_late(deadline) or "connection_error") from None
+    except (http.client.HTTPException, ValueError):
+        raise _Failure(_late(deadline) or "bad_response") from None  # malformed status line/headers/chunks
+    except OSError:
+        raise _Failure(_late(deadline) or "connection_error") from None
     finally:
+        _WATCHDOG.cancel(token)
         conn.close()
+        sock.close()
+
+
+def _late(deadline: float) -> str:
+    """'timeout' when the watchdog is what broke the connection, else ''."""
+    return "timeout" if time.monotonic() >= deadline else ""
 
 
 def _read_capped(sock: socket.socket, response: http.client.HTTPResponse, deadline: float,
@@ -219,7 +411,7 @@ def _read_capped(sock: socket.socket, response: http.client.HTTPResponse, deadli
         if size > max_bytes:
             raise _Failure("too_large")
         chunks.append(chunk)
-        _remaining(deadline)
+    _remaining(deadline)  # an end of stream after the deadline is the watchdog's, not the server's
     length = response.getheader("Content-Length")
     if length and length.strip().isdigit() and size < int(length):
         raise _Failure("truncated")

@@ -6,7 +6,12 @@
 Order matters for cost and safety: the header is parsed first and the pixel count refused
 *before* any decoding (decompression bombs), large JPEGs are decoded DCT-scaled (`draft`) close
 to the target size, and an RGB baseline JPEG that already fits is stored byte for byte (its
-entropy data is still decoded at 1/8 scale to detect truncation, which costs little).
+entropy data is still decoded at 1/8 scale to detect truncation, which costs little) only when
+it carries nothing but pixels: no EXIF (GPS), comments, other APP segments or trailing bytes;
+anything else is re-encoded, which drops all metadata.
+
+Only the formats in `FORMATS` are ever parsed: `Image.open` would otherwise hand EPS/PostScript
+to Ghostscript where it is installed, and exotic decoders are attack surface we do not need.
 Reasons: `not_an_image`, `too_many_pixels`, `too_small`, `truncated`, `decode_error`.
 """
 
@@ -14,12 +19,18 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")  # multi-picture (MPO) files open through JPEG
+JPEG_FORMATS = ("JPEG", "MPO")
 EXIF_ORIENTATION = 0x0112
+# Segments a plain baseline JPEG needs: SOF0, DHT, DQT, DRI; APP0 only as the 16-byte JFIF header.
+PLAIN_JPEG_MARKERS = frozenset({0xC0, 0xC4, 0xDB, 0xDD})
+SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # any marker but stuffing and restarts
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -65,10 +76,32 @@ def _orientation(im: Image.Image) -> int:
         return 1  # unreadable EXIF: treat as upright rather than fail the image
 
 
-def _keeps_original(im: Image.Image, opts: ImageOptions, orientation: int) -> bool:
+def plain_jpeg(data: bytes) -> bool:
+    """True for a single-scan baseline JPEG with no metadata segments and nothing after its end."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while True:
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            break
+        if marker == 0xE0:
+            if length != 16 or data[pos + 4:pos + 9] != b"JFIF\0":
+                return False
+        elif marker not in PLAIN_JPEG_MARKERS:
+            return False
+        pos += 2 + length
+    end = SCAN_END.search(data, pos + 2 + length)
+    return end is not None and end.start() == len(data) - 2 and data[-1] == 0xD9
+
+
+def _keeps_original(im: Image.Image, data: bytes, opts: ImageOptions, orientation: int) -> bool:
     return (opts.keep_original and im.format == "JPEG" and im.mode == "RGB"
             and not im.info.get("progressive") and not im.info.get("progression")
-            and orientation == 1 and min(im.size) <= opts.image_size)
+            and orientation == 1 and min(im.size) <= opts.image_size and plain_jpeg(data))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -94,7 +127,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
     """Validate and convert one downloaded image; never raises for bad input."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
         return _failed("too_many_pixels")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -107,9 +140,9 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
             return _failed("too_small", width, height)
         orientation = _orientation(im)
         shown = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        keep = _keeps_original(im, opts, orientation)
+        keep = _keeps_original(im, data, opts, orientation)
         try:
-            if im.format == "JPEG":
+            if im.format in JPEG_FORMATS:
                 # DCT-scaled decode: 1/8 only to check the stream when keeping, else near the target
                 wanted = (math.ceil(width / 8), math.ceil(height / 8)) if keep else \
                     target_size(width, height, opts.image_size)
@@ -132,6 +165,7 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         size = target_size(*shown, opts.image_size)
         if rgb.size != size:
             rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+        rgb.info = {}  # Pillow would carry comments/XMP of the source into the new file
         out = io.BytesIO()
         rgb.save(out, "JPEG", quality=opts.jpeg_quality)
         return ProcessedImage(out.getvalue(), "", size[0], size[1], shown[0], shown[1])

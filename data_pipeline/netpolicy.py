@@ -5,8 +5,11 @@ or an internal service. Every host is resolved here and every resolved address i
 before a connection is made, and again on every redirect hop; the fetcher then connects to
 the checked address itself (never re-resolving), so DNS rebinding cannot swap it afterwards.
 
-By default private, loopback, link-local, multicast, reserved and unspecified addresses are
-refused; `allow_networks` (CIDRs, `--allow-network`) opens exactly the ranges named.
+By default every address that is not globally routable is refused (private, loopback,
+link-local, shared address space 100.64.0.0/10 with cloud metadata at 100.100.100.200,
+benchmarking, multicast, reserved, unspecified), and an IPv6 address that embeds an IPv4 one
+(mapped, NAT64, 6to4, Teredo) is judged by the IPv4 address it reaches; `allow_networks`
+(CIDRs, `--allow-network`) opens exactly the ranges named.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ class ResolveError(Exception):
     """The host name does not resolve (reason `dns_error`)."""
 
 
+class TemporaryResolveError(ResolveError):
+    """The resolver could not answer now (EAI_AGAIN; reason `dns_temporary`, retried)."""
+
+
 def parse_networks(cidrs: Sequence[str], where: str = "fetch.allow_networks") -> tuple:
     """CIDR strings -> ip_network objects; ConfigError naming the bad entry."""
     networks = []
@@ -40,15 +47,36 @@ def parse_networks(cidrs: Sequence[str], where: str = "fetch.allow_networks") ->
     return tuple(networks)
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def translated_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv4-mapped or NAT64 IPv6 address stands for (None otherwise)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def tunnelled_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses a 6to4 or Teredo address reaches (empty if none)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [ip.sixtofour] if ip.sixtofour is not None else []
+    return found + list(ip.teredo or ())
+
+
 def is_public(ip: IPAddress) -> bool:
     """True for globally routable unicast addresses (what the default policy admits)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, judge it as IPv4
-    if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast:
+    translated = translated_ipv4(ip)
+    if translated is not None:
+        return is_public(translated)
+    if not ip.is_global or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
         return False
-    if ip.is_reserved or ip.is_unspecified:
-        return False
-    return not (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
+    return all(is_public(inner) for inner in tunnelled_ipv4(ip))
 
 
 @dataclass(frozen=True)
@@ -73,7 +101,11 @@ class NetworkPolicy:
         """
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                raise TemporaryResolveError(f"{host}: {exc}") from None
+            raise ResolveError(f"{host}: {exc}") from None
+        except UnicodeError as exc:
             raise ResolveError(f"{host}: {exc}") from None
         addresses = []
         for info in infos:

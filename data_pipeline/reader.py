@@ -30,8 +30,10 @@ is opened to plan it):
   in exactly-once mode (drop_last=False) it is dropped and the batch is shorter.
 
 Determinism holds for a fixed (dataset, split, world_size, num_workers, batch_size_per_rank,
-samples_per_epoch, seed, epoch, shuffle_buffer). Loader workers are started per epoch (not
-persistent), with the allocator settings of PERFORMANCE.md applied (`_init_worker`). `memory://`
+samples_per_epoch, seed, epoch, shuffle_buffer). Loader workers live as long as one iteration of the
+loader: one epoch, or `num_epochs` epochs back to back (fine-tuning on small data, where a worker
+restart per epoch would cost more than the epoch), with the allocator settings (`data_pipeline.ALLOCATOR_ENV`) applied
+(`_init_worker`). `memory://`
 datasets need the default fork start method (the store is per process).
 """
 
@@ -54,17 +56,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import ALLOCATOR_ENV
 from data_pipeline import dataset as ds
 from data_pipeline.transforms import create_eval_transform, decode_and_transform
 
 log = logging.getLogger(__name__)
 
-# Environment for loader workers and trainers (PERFORMANCE.md, "The allocator").
-ALLOCATOR_ENV = {
-    "PILLOW_BLOCKS_MAX": "64",
-    "MALLOC_MMAP_THRESHOLD_": "67108864",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-}
 _BAD_SAMPLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, Image.DecompressionBombError)
 
 
@@ -173,7 +170,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, epoch: int, transform: Callable, shuffle_buffer: int,
                  batches_per_rank: int | None, skip_batches: int, shuffle: bool, num_classes: int | None,
-                 decoder: Callable | None = None):
+                 num_epochs: int = 1, decoder: Callable | None = None):
         super().__init__()
         self.decoder = decoder
         self.shards = shards
@@ -189,11 +186,12 @@ class ShardStream(IterableDataset):
         self.skip_batches = skip_batches
         self.shuffle = shuffle
         self.num_classes = num_classes
+        self.num_epochs = num_epochs  # > 1 (training only): epochs epoch..epoch+num_epochs-1 in one pass
 
-    def slot_pieces(self) -> list[list[Piece]]:
-        """Pieces of this rank's logical workers, index = logical worker."""
+    def slot_pieces(self, epoch: int | None = None) -> list[list[Piece]]:
+        """Pieces of this rank's logical workers in `epoch` (default: the first), index = logical worker."""
         slots = plan_slots(self.shards, self.world_size * self.num_workers, seed=self.seed,
-                           epoch=self.epoch, shuffle=self.shuffle)
+                           epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle)
         return slots[self.rank * self.num_workers:(self.rank + 1) * self.num_workers]
 
     def num_batches(self) -> int:
@@ -206,31 +204,47 @@ class ShardStream(IterableDataset):
         loader_worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream planned for {self.num_workers} workers, DataLoader has {info.num_workers}")
+        if self.num_epochs == 1:
+            return self._iter_epoch(self.epoch, self.skip_batches, loader_worker)
+        return self._iter_epochs(loader_worker)
+
+    def _iter_epochs(self, loader_worker: int) -> Iterator[Batch]:
+        """Several epochs through the same workers: the DataLoader asks its workers round robin, so
+        worker j yields the rank's batches g with (g - first) % W == j, g counted over all epochs."""
+        batches_per_epoch = self.num_batches()
+        W = self.num_workers
+        for offset in range(self.num_epochs):
+            skip = self.skip_batches if offset == 0 else 0
+            # batches of earlier epochs this stream yields before epoch `offset` begins
+            before = 0 if offset == 0 else offset * batches_per_epoch - self.skip_batches
+            yield from self._iter_epoch(self.epoch + offset, skip, (loader_worker - before) % W)
+
+    def _iter_epoch(self, epoch: int, skip_batches: int, loader_worker: int) -> Iterator[Batch]:
         # Rotate roles so that after skipping k batches DataLoader worker 0 (which the DataLoader asks
         # first) holds rank batch k: worker j plays logical worker (k + j) % W.
-        logical = (self.skip_batches + loader_worker) % self.num_workers
-        return self._iter_logical(logical)
+        logical = (skip_batches + loader_worker) % self.num_workers
+        return self._iter_logical(logical, epoch, skip_batches)
 
-    def _iter_logical(self, logical: int) -> Iterator[Batch]:
+    def _iter_logical(self, logical: int, epoch: int, skip_batches: int) -> Iterator[Batch]:
         W, B = self.num_workers, self.batch_size
-        pieces = self.slot_pieces()[logical]
+        pieces = self.slot_pieces(epoch)[logical]
         slot = self.rank * W + logical
         stats = {"bad_shards": 0}
         train_mode = self.batches_per_rank is not None
         raw = _slot_samples(pieces, cycle=train_mode, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
-                            seed_parts=(self.seed, self.epoch, slot), stats=stats)
+                            seed_parts=(self.seed, epoch, slot), stats=stats)
         raw = iter(raw)
         if train_mode:
             num_local = _worker_batch_counts(self.batches_per_rank, W)[logical]
             windows: Iterator[list] = (list(itertools.islice(raw, B)) for _ in range(num_local))
         else:
             windows = iter(lambda: list(itertools.islice(raw, B)), [])
-        skip_local = max(0, -(-(self.skip_batches - logical) // W))
+        skip_local = max(0, -(-(skip_batches - logical) // W))
         for local_index, window in enumerate(windows):
             if local_index < skip_local:
                 continue
             batch_index = local_index * W + logical  # index of this batch within the rank's epoch
-            yield self._build_batch(window, raw, _rng(self.seed, self.epoch, self.rank, batch_index, "aug"),
+            yield self._build_batch(window, raw, _rng(self.seed, epoch, self.rank, batch_index, "aug"),
                                     replace_bad=train_mode)
 
     def _decode(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, Any]:
@@ -286,7 +300,7 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Loader worker start: allocator settings (PERFORMANCE.md) applied at runtime in the worker.
+    """Loader worker start: the allocator settings (`ALLOCATOR_ENV`) applied at runtime in the worker.
 
     The MALLOC_* variables are read by glibc at process start, so for forked workers the same
     effect is applied with mallopt; Pillow's block cache is set through its API.
@@ -321,7 +335,7 @@ class Loader:
         self.num_samples_seen = 0
         self.bad_keys: list[str] = []  # first 1000, for the run log
         self.position = stream.skip_batches
-        self._len = stream.num_batches()
+        self._len = stream.num_batches() * stream.num_epochs
 
     def __len__(self) -> int:
         return self._len
@@ -335,7 +349,7 @@ class Loader:
         self.stream.epoch = epoch
         self.stream.skip_batches = skip_batches
         self.position = skip_batches
-        self._len = self.stream.num_batches()
+        self._len = self.stream.num_batches() * self.stream.num_epochs
 
     def _dataloader(self) -> DataLoader:
         for name, value in ALLOCATOR_ENV.items():  # inherited by spawned workers
@@ -398,7 +412,7 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
                   transform: Callable | None = None, shuffle_buffer: int = 1000,
                   samples_per_epoch: int | None = None, skip_batches: int = 0, shuffle: bool = True,
                   drop_last: bool = True, pin_memory: bool = False,
-                  max_bad_fraction: float | None = None, classes: int | None = None,
+                  max_bad_fraction: float | None = None, classes: int | None = None, num_epochs: int = 1,
                   decoder: Callable | None = None) -> Loader:
     """One rank's loader for one epoch of `split` (see the module doc for the guarantees).
 
@@ -408,6 +422,9 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
     batch may be short; with world_size=1 that is every sample of the split.
     transform: a callable on PIL images returning uint8 CHW (ours also decode from bytes with draft);
     default: eval transform at 224. classes: label bound for validation (default: classes.parquet).
+    num_epochs > 1 (training): epochs epoch..epoch+num_epochs-1 back to back through the same loader
+    workers (no restart between epochs), batch for batch identical to one loader per epoch;
+    len(loader) = num_epochs x batches per epoch and skip_batches counts within the first epoch.
     decoder: replaces label decoding + transform: (sample dict, rng) -> (uint8 CHW, target), for samples
     whose target is more than a class id (detection: `data_pipeline.detection.DetectionDecoder`).
     """
@@ -417,6 +434,8 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+    if num_epochs < 1 or (num_epochs > 1 and not drop_last):
+        raise ValueError(f"num_epochs must be >= 1, and 1 unless drop_last (training), got {num_epochs}")
     shards = ds.split_shards(dataset_url, split)
     total = sum(n for _, n in shards)
     if drop_last:
@@ -435,5 +454,5 @@ def create_loader(dataset_url: str, split: str, *, batch_size_per_rank: int, ran
                          num_workers=num_workers, seed=seed, epoch=epoch,
                          transform=transform or create_eval_transform(224), shuffle_buffer=shuffle_buffer,
                          batches_per_rank=batches_per_rank, skip_batches=skip_batches, shuffle=shuffle,
-                         num_classes=classes, decoder=decoder)
+                         num_classes=classes, num_epochs=num_epochs, decoder=decoder)
     return Loader(stream, num_workers=num_workers, pin_memory=pin_memory, max_bad_fraction=max_bad_fraction)

@@ -1,9 +1,15 @@
 """Image transforms for the reader: JPEG bytes or PIL images in, uint8 CHW tensors out.
 
+`Augmentation` is the augmentation config shared by pretrain and finetune (the fields of their
+`data.` section), with timm's names and meanings: hflip, vflip, scale, ratio, interpolation,
+color_jitter, auto_augment, re_prob, crop_pct. `aug.train_transform(size)` / `aug.eval_transform(size)`
+build the transforms below; re_prob (random erasing) acts on the normalized batch on the device,
+as in timm, so the trainer applies it (`create_random_erasing`).
+
 Loader workers return uint8 (4x fewer bytes through shared memory than float) and the trainer
 normalizes on its device with `normalize`. The train transform samples its RandomResizedCrop box
 *before* decoding so it can ask libjpeg for a DCT-scaled decode (`Image.draft`) that is never below
-the crop's output resolution: 1.4-1.65x faster on large sources (PERFORMANCE.md), identical
+the crop's output resolution: 1.4-1.65x faster on large sources (measured on 1024x768), identical
 statistics to torchvision's RandomResizedCrop + horizontal flip.
 
     tf = create_train_transform(224)
@@ -20,17 +26,98 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-# timm.data.constants IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD (copied: data_pipeline does not import timm)
+from data_pipeline.config import ConfigError, doc, require
+
+# timm.data.constants IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD (copied: data_pipeline does not import timm
+# at module level; only an `auto_augment` policy loads it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_RESAMPLE = Image.Resampling.BILINEAR
+# timm's interpolation names (timm.data.transforms.str_to_pil_interp)
+INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+                  "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+# auto_augment: timm's policy strings ("rand-m9-mstd0.5-inc1", "augmix-m5-w3", "original", "v0", "3a", ...)
+# plus torchvision's TrivialAugmentWide under "trivialaugment"
+TIMM_AA_NAMES = ("original", "originalr", "v0", "v0r", "3a")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Augmentation and evaluation preprocessing; the `data.` fields of pretrain and finetune."""
+    hflip: float = doc("horizontal flip probability (timm hflip); 0 where orientation matters (text, digits)", 0.5)
+    vflip: float = doc("vertical flip probability (timm vflip)", 0.0)
+    scale: tuple[float, float] = doc("RandomResizedCrop area fraction range [min, max] (timm scale)", (0.08, 1.0))
+    ratio: tuple[float, float] = doc("RandomResizedCrop aspect ratio range [min, max] (timm ratio)", (0.75, 4 / 3))
+    interpolation: str = doc("resize filter: bilinear, bicubic, nearest, lanczos, box, hamming (timm interpolation)",
+                             "bilinear")
+    color_jitter: float = doc("brightness/contrast/saturation jitter strength, 0 = off (timm color_jitter; "
+                              "ignored when auto_augment is set, as in timm)", 0.0)
+    auto_augment: str = doc("'' = off; timm policy ('rand-m9-mstd0.5-inc1', 'augmix-m5-w3', 'original', ...) "
+                            "or 'trivialaugment' (torchvision TrivialAugmentWide)", "")
+    re_prob: float = doc("random erasing probability per image, on the normalized batch (timm re_prob)", 0.0)
+    crop_pct: float = doc("evaluation: resize the shorter side to image_size / crop_pct, then center crop "
+                          "(timm crop_pct; 1 = no border cut)", 0.875)
+
+    def validate(self) -> None:
+        for name in ("hflip", "vflip", "re_prob"):
+            require(0.0 <= getattr(self, name) <= 1.0, f"data.{name}", "must be a probability in [0, 1]")
+        require(len(self.scale) == 2 and 0.0 < self.scale[0] <= self.scale[1] <= 1.0, "data.scale",
+                f"must be [min, max] with 0 < min <= max <= 1, got {list(self.scale)}")
+        require(len(self.ratio) == 2 and 0.0 < self.ratio[0] <= self.ratio[1], "data.ratio",
+                f"must be [min, max] with 0 < min <= max, got {list(self.ratio)}")
+        require(self.interpolation in INTERPOLATIONS, "data.interpolation",
+                f"must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        require(self.color_jitter >= 0.0, "data.color_jitter", "must be >= 0")
+        require(0.0 < self.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1]")
+        if self.auto_augment:
+            try:
+                create_auto_augment(self.auto_augment, 224, self.interpolation)
+            except (ValueError, AssertionError, KeyError, IndexError) as exc:
+                raise ConfigError(f"data.auto_augment: {self.auto_augment!r} is not a timm policy string "
+                                  f"or 'trivialaugment' ({exc})") from None
+
+    def train_transform(self, image_size: int, *, use_draft: bool = True) -> "TrainTransform":
+        return TrainTransform(image_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip, vflip=self.vflip,
+                              interpolation=self.interpolation, color_jitter=self.color_jitter,
+                              auto_augment=self.auto_augment, use_draft=use_draft)
+
+    def eval_transform(self, image_size: int, *, use_draft: bool = True) -> "EvalTransform":
+        return EvalTransform(image_size, crop_pct=self.crop_pct, interpolation=self.interpolation,
+                             use_draft=use_draft)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values (what a checkpoint records)."""
+        return {"hflip": self.hflip, "vflip": self.vflip, "scale": list(self.scale), "ratio": list(self.ratio),
+                "interpolation": self.interpolation, "color_jitter": self.color_jitter,
+                "auto_augment": self.auto_augment, "re_prob": self.re_prob, "crop_pct": self.crop_pct}
+
+
+def create_auto_augment(policy: str, image_size: int, interpolation: str = "bilinear",
+                        mean: Sequence[float] = IMAGENET_MEAN) -> Callable[[Image.Image], Image.Image]:
+    """A PIL -> PIL policy: timm's (same hparams as timm's create_transform) or torchvision's TrivialAugmentWide."""
+    if policy == "trivialaugment":
+        from torchvision.transforms import InterpolationMode, TrivialAugmentWide
+        return TrivialAugmentWide(interpolation=InterpolationMode(interpolation if interpolation in
+                                                                  ("nearest", "bilinear", "bicubic") else "bilinear"))
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean),
+               "interpolation": INTERPOLATIONS[interpolation]}
+    if policy.startswith("rand"):
+        return rand_augment_transform(policy, hparams)
+    if policy.startswith("augmix"):
+        return augment_and_mix_transform(policy, hparams)
+    if policy.split("-")[0] in TIMM_AA_NAMES:
+        return auto_augment_transform(policy, hparams)
+    raise ValueError(f"unknown policy {policy!r}")
 
 
 def _to_chw_uint8(img: Image.Image) -> torch.Tensor:
@@ -74,21 +161,53 @@ def sample_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequ
 
 
 class TrainTransform:
-    """RandomResizedCrop(image_size, scale, ratio) + horizontal flip, uint8 CHW output."""
+    """RandomResizedCrop(image_size, scale, ratio) + flips (+ colour jitter or an auto-augment policy), uint8 CHW."""
 
     def __init__(self, image_size: int, scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, use_draft: bool = True):
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, use_draft: bool = True, *,
+                 vflip: float = 0.0, interpolation: str = "bilinear", color_jitter: float = 0.0,
+                 auto_augment: str = ""):
         self.image_size = int(image_size)
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.hflip = float(hflip)
+        self.vflip = float(vflip)
+        self.interpolation = interpolation
+        self.resample = INTERPOLATIONS[interpolation]
         self.use_draft = use_draft
+        self.color_jitter = float(color_jitter)
+        self.auto_augment = auto_augment
+        self.extra: Callable[[Image.Image], Image.Image] | None = None
+        if auto_augment:  # as timm's create_transform: a policy replaces colour jitter
+            self.extra = create_auto_augment(auto_augment, self.image_size, interpolation)
+        elif color_jitter > 0:
+            from torchvision.transforms import ColorJitter
+            self.extra = ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
 
     def _crop(self, img: Image.Image, box: tuple[float, float, float, float], rng: random.Random) -> torch.Tensor:
-        out = img.resize((self.image_size, self.image_size), _RESAMPLE, box=box)
+        out = img.resize((self.image_size, self.image_size), self.resample, box=box)
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.vflip and rng.random() < self.vflip:
+            out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if self.extra is not None:
+            out = self._seeded_extra(out, rng.getrandbits(32))
         return _to_chw_uint8(out)
+
+    def _seeded_extra(self, img: Image.Image, seed: int) -> Image.Image:
+        """Run the policy (which draws from random, numpy and torch's global RNGs) under a seed from our rng,
+        so augmentation stays reproducible and resumable; the global states are restored afterwards."""
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = self.extra(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return out if out.mode == "RGB" else out.convert("RGB")
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng or random
@@ -114,10 +233,13 @@ class TrainTransform:
 class EvalTransform:
     """Resize the shorter side to image_size / crop_pct, center crop image_size; uint8 CHW output."""
 
-    def __init__(self, image_size: int, crop_pct: float = 0.875, use_draft: bool = True):
+    def __init__(self, image_size: int, crop_pct: float = 0.875, use_draft: bool = True, *,
+                 interpolation: str = "bilinear"):
         self.image_size = int(image_size)
         self.crop_pct = float(crop_pct)
         self.resize_size = int(math.floor(self.image_size / self.crop_pct))
+        self.interpolation = interpolation
+        self.resample = INTERPOLATIONS[interpolation]
         self.use_draft = use_draft
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
@@ -127,7 +249,7 @@ class EvalTransform:
         new_w, new_h = max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale))
         left, top = (new_w - self.image_size) / 2 / scale, (new_h - self.image_size) / 2 / scale
         box = (left, top, left + self.image_size / scale, top + self.image_size / scale)
-        return _to_chw_uint8(img.resize((self.image_size, self.image_size), _RESAMPLE, box=box))
+        return _to_chw_uint8(img.resize((self.image_size, self.image_size), self.resample, box=box))
 
     def from_bytes(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         header = Image.open(io.BytesIO(data))
@@ -145,9 +267,10 @@ def create_train_transform(image_size: int, *, scale: Sequence[float] = (0.08, 1
     return TrainTransform(image_size, scale=scale, ratio=ratio, hflip=hflip, use_draft=use_draft)
 
 
-def create_eval_transform(image_size: int, crop_pct: float = 0.875, *, use_draft: bool = True) -> EvalTransform:
+def create_eval_transform(image_size: int, crop_pct: float = 0.875, *, use_draft: bool = True,
+                          interpolation: str = "bilinear") -> EvalTransform:
     """Evaluation preprocessing (timm's center-crop convention): -> uint8 [3, image_size, image_size]."""
-    return EvalTransform(image_size, crop_pct=crop_pct, use_draft=use_draft)
+    return EvalTransform(image_size, crop_pct=crop_pct, use_draft=use_draft, interpolation=interpolation)
 
 
 def decode_and_transform(data: bytes, transform, rng: random.Random | None = None) -> torch.Tensor:
@@ -160,6 +283,14 @@ def decode_and_transform(data: bytes, transform, rng: random.Random | None = Non
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"transform {transform!r} returned {type(out).__name__}, expected a uint8 tensor")
     return out
+
+
+def create_random_erasing(re_prob: float, device: torch.device | str = "cpu"):
+    """timm's RandomErasing (mode 'pixel', as timm's train script) for normalized batches; None when re_prob is 0."""
+    if re_prob <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+    return RandomErasing(re_prob, mode="pixel", device=str(device))
 
 
 def normalize(batch_uint8: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,

@@ -11,6 +11,7 @@ correctly; a data class the model does not know is a DatasetError listing the na
 from __future__ import annotations
 
 import logging
+import posixpath
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from data_pipeline.dataset import atomic_write_bytes, atomic_write_json, class_names, join
 from data_pipeline.reader import create_loader
-from data_pipeline.transforms import create_eval_transform, normalize
+from data_pipeline.transforms import INTERPOLATIONS, EvalTransform, create_eval_transform, normalize
 from finetune.data import label_map, pick_split, resolve_dataset
 from finetune.model import load_model
 
@@ -51,6 +52,15 @@ def preprocessing(pretrained_cfg: dict, image_size: int = 0) -> tuple[int, float
     mean = tuple(pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
     return size, crop_pct, mean, std
+
+
+def checkpoint_eval_transform(pretrained_cfg: dict, image_size: int = 0) -> EvalTransform:
+    """The evaluation preprocessing a checkpoint records (input_size, crop_pct, interpolation)."""
+    size, crop_pct, _, _ = preprocessing(pretrained_cfg, image_size)
+    interpolation = pretrained_cfg.get("interpolation", "bilinear")
+    # timm names also include "random" (a training-only choice): evaluate such a model bilinear
+    return create_eval_transform(size, crop_pct, interpolation=interpolation if interpolation in INTERPOLATIONS
+                                 else "bilinear")
 
 
 @torch.no_grad()
@@ -114,23 +124,27 @@ def evaluate(model_url: str, data_url: str, *, split: str = "val", out_dir: str 
     split = pick_split(dataset_url, split)
     data_names = class_names(dataset_url)
     targets = label_map(data_names, ckpt.class_names, f"{data_url} (vs the classes of {model_url})")
-    size, crop_pct, mean, std = preprocessing(ckpt.pretrained_cfg, image_size)
+    size, _, mean, std = preprocessing(ckpt.pretrained_cfg, image_size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     loader = create_loader(dataset_url, split, batch_size_per_rank=batch_size, num_workers=num_workers,
-                           transform=create_eval_transform(size, crop_pct), shuffle=False, drop_last=False)
+                           transform=checkpoint_eval_transform(ckpt.pretrained_cfg, image_size), shuffle=False,
+                           drop_last=False)
     result = run_eval(model, loader, device=dev, mean=mean, std=std, targets=targets,
                       num_model_classes=len(ckpt.class_names))
     report = build_report(result, data_names, ckpt.class_names, targets)
+    # What the user named: an image folder is ingested into one 'train' split, so its own name
+    # ("val", "holdout") titles the report, not that internal split.
+    title = split if dataset_url == data_url else posixpath.basename(str(data_url).rstrip("/"))
     report.update({"model_url": model_url, "data_url": data_url, "dataset_url": dataset_url, "split": split,
-                   "image_size": size})
+                   "title": title, "image_size": size})
     if out_dir:
         small = len(data_names) <= MAX_CONFUSION_PLOT_CLASSES
         if small:
             # Columns restricted to the data's classes: a 1000-class model on 10 data classes stays legible.
             sub = result.confusion[:, targets]
             atomic_write_bytes(join(out_dir, "confusion.png"),
-                               confusion_png(sub, data_names, data_names, f"{split}: top-1 {result.top1:.3f}"))
+                               confusion_png(sub, data_names, data_names, f"{title}: top-1 {result.top1:.3f}"))
             report["confusion_png"] = join(out_dir, "confusion.png")
         atomic_write_json(join(out_dir, "report.json"), report)
     log.info("evaluate %s on %s/%s: top-1 %.4f top-5 %.4f (%d samples)", model_url, data_url, split,
@@ -156,7 +170,7 @@ def build_report(result: EvalResult, data_names: list[str], model_names: list[st
 def format_report(report: dict) -> str:
     """A short human-readable summary for the CLI."""
     lines = [f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  ({report['num_samples']} images, "
-             f"{report['num_classes']} classes, split {report['split']})"]
+             f"{report['num_classes']} classes, {report['title']})"]
     worst = sorted((v["accuracy"], name) for name, v in report["per_class"].items() if v["accuracy"] is not None)
     if worst:
         lines.append("lowest per-class accuracy: " + ", ".join(f"{n} {a:.2f}" for a, n in worst[:5]))

@@ -20,11 +20,21 @@ def is_head_key(key: str, head_name: str) -> bool:
 
 
 def create_finetune_model(ckpt: LoadedCheckpoint, num_classes: int, *, drop_rate: float = 0.0,
-                          drop_path_rate: float = 0.0, seed: int = 0) -> nn.Module:
-    """The checkpoint's backbone with a new `num_classes` head, initialised from `seed`."""
+                          drop_path_rate: float = 0.0, seed: int = 0, scratch: bool = False) -> nn.Module:
+    """The checkpoint's backbone with a new `num_classes` head, initialised from `seed`.
+
+    scratch: the same architecture randomly initialised from `seed` (a baseline: same everything else).
+    """
     timm_kwargs = {"drop_rate": drop_rate}
     if drop_path_rate > 0:
         timm_kwargs["drop_path_rate"] = drop_path_rate
+    if scratch:
+        import timm
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(ckpt.arch, pretrained=False, num_classes=num_classes,
+                                     **{**ckpt.model_args, **timm_kwargs})
     model = create_model_from_checkpoint(ckpt, num_classes=num_classes, **timm_kwargs)
     # Build the new head from a fixed seed so that every DDP rank (and every rerun) starts equal.
     with torch.random.fork_rng(devices=[]):

@@ -13,8 +13,8 @@ import fsspec
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline.transforms import create_eval_transform, normalize
-from finetune.evaluate import preprocessing
+from data_pipeline.transforms import normalize
+from finetune.evaluate import checkpoint_eval_transform, preprocessing
 from finetune.model import load_model
 
 
@@ -29,8 +29,8 @@ def _load_image(url: str, transform) -> torch.Tensor:
 def predict(model_url: str, images: list[str], k: int = 5, *, batch_size: int = 32) -> list[dict]:
     """[{"image", "top": [{"label", "class_id", "prob"}...]} or {"image", "error"}] in input order."""
     model, ckpt = load_model(model_url)
-    size, crop_pct, mean, std = preprocessing(ckpt.pretrained_cfg)
-    transform = create_eval_transform(size, crop_pct)
+    _, _, mean, std = preprocessing(ckpt.pretrained_cfg)
+    transform = checkpoint_eval_transform(ckpt.pretrained_cfg)
     k = max(1, min(k, len(ckpt.class_names)))
     results: list[dict] = [{"image": url} for url in images]
     ready = []

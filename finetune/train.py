@@ -24,16 +24,18 @@ import torch
 from torch import nn
 
 from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
-from data_pipeline.dataset import DatasetError, class_names, manifest_sha256, read_manifest, split_shards
+from data_pipeline.dataset import class_names, manifest_sha256, read_manifest, split_shards
 from data_pipeline.reader import create_loader
-from data_pipeline.transforms import create_eval_transform, create_train_transform, normalize
+from data_pipeline.transforms import create_random_erasing, normalize
 from finetune.config import FinetuneConfig
 from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
 from finetune.evaluate import preprocessing, run_eval
 from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
-from finetune.rundir import RunDir, read_state, state_writer
+from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers, plan_phases, resolve_optim
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +43,6 @@ log = logging.getLogger(__name__)
 def _broadcast(values: list[float], dist: DistInfo) -> list[float]:
     """Rank 0's values on every rank, so that every rank takes the same early-stopping decision."""
     return broadcast_object(values, dist)
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str       # "linear" or "full"
-    frozen: bool    # backbone frozen (linear probe)
-    start: int      # first global step of the phase
-    end: int        # global step at which the phase ends
-    lr: float
-
-
-def plan_phases(cfg: FinetuneConfig, steps_per_epoch: int) -> list[Phase]:
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    ft = cfg.finetune
-    lp_lr = ft.lp_lr or cfg.optim.lr * 10
-    if ft.mode == "full":
-        return [Phase("full", False, 0, total, cfg.optim.lr)]
-    if ft.mode == "linear":
-        return [Phase("linear", True, 0, total, lp_lr)]
-    lp_steps = ft.lp_steps or ft.lp_epochs * steps_per_epoch
-    if lp_steps >= total:
-        raise ConfigError(f"finetune.lp_steps: the linear probe ({lp_steps} steps) leaves nothing of the "
-                          f"{total} total steps for the full fine-tune")
-    return [Phase("linear", True, 0, lp_steps, lp_lr), Phase("full", False, lp_steps, total, cfg.optim.lr)]
 
 
 @dataclass(frozen=True)
@@ -76,6 +54,7 @@ class DataPlan:
     class_names: list[str]
     val_targets: torch.Tensor  # val class id -> train class id
     num_train_samples: int
+    num_val_samples: int
 
 
 def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
@@ -102,12 +81,15 @@ def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
     names = check_train_classes(train_url, train_split)
     targets = label_map(class_names(val_url), names, f"validation data {d.val_url or d.url} (vs train {d.url})")
     num_train = sum(n for _, n in split_shards(train_url, train_split))
-    return DataPlan(train_url, train_split, val_url, val_split, names, targets, num_train)
+    num_val = sum(n for _, n in split_shards(val_url, val_split))
+    return DataPlan(train_url, train_split, val_url, val_split, names, targets, num_train, num_val)
 
 
-def check_inputs(cfg: FinetuneConfig) -> DataPlan:
+def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
     """Everything a launcher should check before starting workers: the checkpoint (checksums, arch),
-    model.arch, the step checkpoint to resume from, the data and the class mapping. Raises CheckpointError / DatasetError / ConfigError."""
+    model.arch, the step checkpoint to resume from, the data and the class mapping. Raises CheckpointError /
+    DatasetError / ConfigError. Returns `cfg` fitted to the data (a batch larger than the data becomes the
+    data, with a notice)."""
     cfg.check_runnable()
     config = verify_checkpoint(cfg.finetune.checkpoint_url)
     if cfg.model.arch and cfg.model.arch != config["architecture"]:
@@ -115,8 +97,22 @@ def check_inputs(cfg: FinetuneConfig) -> DataPlan:
     latest = latest_checkpoint(cfg.checkpoint.url)
     if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
         verify_checkpoint(latest)
-        read_state(latest)
-    return prepare_data(cfg, DistInfo())
+        read_state(latest, STATE_COUNTERS)
+    data = prepare_data(cfg, DistInfo())
+    cfg = fit_to_data(cfg, data, cfg.scaling.num_workers)
+    plan_phases(cfg, data.num_train_samples // cfg.train.global_batch_size)  # lp_steps leaving nothing for the full phase
+    return cfg, data
+
+
+def fit_to_data(cfg: FinetuneConfig, data: DataPlan, world_size: int) -> FinetuneConfig:
+    """The batch fitted to the data (one notice when it changes) and the auto optimizer fields resolved."""
+    cfg, notice = fit_batch_to_data(cfg, data.num_train_samples, world_size)
+    if notice:
+        log.warning("%s", notice)
+    return resolve_optim(cfg, data.num_train_samples)
+
+
+STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json
 
 
 @dataclass
@@ -134,7 +130,7 @@ def create_criterion_and_mixup(cfg: FinetuneConfig, num_classes: int):
     lossc = cfg.loss
     if lossc.mixup > 0 or lossc.cutmix > 0:
         mixup = Mixup(mixup_alpha=lossc.mixup, cutmix_alpha=lossc.cutmix, prob=lossc.mix_prob,
-                      label_smoothing=lossc.label_smoothing, num_classes=num_classes)
+                      switch_prob=lossc.switch_prob, label_smoothing=lossc.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
     return nn.CrossEntropyLoss(label_smoothing=lossc.label_smoothing), None
 
@@ -157,9 +153,12 @@ def create_optimizer_and_schedule(cfg: FinetuneConfig, model: nn.Module, phase: 
     return optimizer, schedule
 
 
-def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, std, criterion, mixup) -> float:
+def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, std, criterion, mixup,
+               erasing=None) -> float:
     images = normalize(batch.images.to(device, non_blocking=True), mean, std)
     labels = batch.labels.to(device, non_blocking=True)
+    if erasing is not None:
+        images = erasing(images)
     if mixup is not None:
         images, labels = mixup(images, labels)
     if cfg.train.channels_last:
@@ -192,21 +191,22 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     if cfg.model.arch and cfg.model.arch != source.arch:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")
     data = prepare_data(cfg, ranks)
+    cfg = fit_to_data(cfg, data, ranks.world_size)
     model = create_finetune_model(source, len(data.class_names), drop_rate=cfg.model.drop_rate,
-                                  drop_path_rate=cfg.model.drop_path_rate, seed=cfg.train.seed)
+                                  drop_path_rate=cfg.model.drop_path_rate, seed=cfg.train.seed,
+                                  scratch=cfg.finetune.scratch)
     model.to(ranks.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     bpr = cfg.train.global_batch_size // ranks.world_size
-    steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size
-    if steps_per_epoch < 1:
-        raise DatasetError(f"{cfg.data.url}: {data.num_train_samples} training images are fewer than one "
-                           f"global batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
+    steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size  # >= 1: the batch fits the data
     phases = plan_phases(cfg, steps_per_epoch)
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    progress, opt_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
+    run = create_run_dir(cfg, is_main=ranks.is_main, start_step=progress.step)
     run.write_config(cfg)
-    progress, opt_state = _resume(run, model)
-    ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr)
+    size, _, mean, std = preprocessing(source.pretrained_cfg, cfg.data.image_size)
+    ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr,
+                   loader_workers(cfg, data.num_train_samples, ranks.world_size), size, mean, std)
     stopped = False
     for index, phase in enumerate(phases):
         if progress.step >= phase.end:
@@ -221,10 +221,9 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     if ranks.is_main:
         best = load_checkpoint(run.best_url)
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
-        run.log({"step": progress.step, "event": "final", "best_val_top1": progress.best_top1,
-                 "best_step": progress.best_step})
+        run.log(progress.step, {EVENT: "final", BEST_EVAL_TOP1: progress.best_top1, "best_step": progress.best_step})
     barrier(ranks)
-    run.close()
+    run.finish()
     return summary
 
 
@@ -238,13 +237,17 @@ class _Context:
     report: object
     steps_per_epoch: int
     batch_size_per_rank: int
+    num_loader_workers: int
+    image_size: int
+    mean: tuple
+    std: tuple
 
 
-def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run.url)
+def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))
@@ -266,41 +269,46 @@ def _run_phase(ctx: _Context, model: nn.Module, phase: Phase, index: int, progre
     else:
         progress.bad_evals = 0
     criterion, mixup = create_criterion_and_mixup(cfg, len(ctx.data.class_names))
-    size, _, mean, std = preprocessing(ctx.source.pretrained_cfg, cfg.data.image_size)
-    transform = create_train_transform(size, scale=(cfg.data.crop_scale_min, 1.0))
+    erasing = create_random_erasing(cfg.data.re_prob, ranks.device)
+    every = eval_cadence(cfg, phase.end - phase.start, ctx.data.num_val_samples)
     schedule.step_update(progress.step - phase.start)
-    log.info("phase %s: steps %d..%d, lr %g, %d trainable parameters", phase.name, phase.start, phase.end,
-             phase.lr, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    log.info("phase %s: steps %d..%d, lr %g, batch %d, validation every %d steps, %d trainable parameters",
+             phase.name, phase.start, phase.end, phase.lr, cfg.train.global_batch_size, every,
+             sum(p.numel() for p in model.parameters() if p.requires_grad))
     t0, images_seen, stop = time.perf_counter(), 0, False
-    while progress.step < phase.end and not stop:
-        epoch, skip = divmod(progress.step, ctx.steps_per_epoch)
-        loader = create_loader(ctx.data.train_url, ctx.data.train_split, batch_size_per_rank=ctx.batch_size_per_rank,
-                               rank=ranks.rank, world_size=ranks.world_size, num_workers=cfg.data.num_workers,
-                               seed=cfg.train.seed, epoch=epoch, transform=transform,
-                               shuffle_buffer=cfg.data.shuffle_buffer,
-                               samples_per_epoch=ctx.steps_per_epoch * cfg.train.global_batch_size,
-                               skip_batches=skip)
-        set_train_mode(model, backbone_frozen=phase.frozen)
-        for batch in loader:
-            loss = train_step(wrapped, optimizer, batch, cfg=cfg, device=ranks.device, mean=mean, std=std,
-                              criterion=criterion, mixup=mixup)
-            progress.step += 1
-            images_seen += len(batch.labels) * ranks.world_size
-            schedule.step_update(progress.step - phase.start)
-            if progress.step % cfg.log.every_steps == 0:
-                run.log({"step": progress.step, "phase": phase.name, "train_loss": loss,
-                         "lr": max(g["lr"] for g in optimizer.param_groups),
-                         "images_per_s": images_seen / (time.perf_counter() - t0)})
-            end_of_epoch = progress.step % ctx.steps_per_epoch == 0
-            every = cfg.train.eval_every_steps
-            if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == phase.end:
-                stop = _validate(ctx, model, phase, progress)
-                set_train_mode(model, backbone_frozen=phase.frozen)
-            if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0 and not stop:
-                _save_step(ctx, model, optimizer, progress, index)
-            if stop or progress.step >= phase.end:
-                break
+    set_train_mode(model, backbone_frozen=phase.frozen)
+    for batch in _phase_loader(ctx, phase, progress.step):
+        loss = train_step(wrapped, optimizer, batch, cfg=cfg, device=ranks.device, mean=ctx.mean, std=ctx.std,
+                          criterion=criterion, mixup=mixup, erasing=erasing)
+        progress.step += 1
+        images_seen += len(batch.labels) * ranks.world_size
+        schedule.step_update(progress.step - phase.start)
+        if progress.step % cfg.log.every_steps == 0:
+            run.log(progress.step, {"phase": phase.name, LOSS: loss, LR: max(g["lr"] for g in optimizer.param_groups),
+                                    IMAGES_PER_S: images_seen / (time.perf_counter() - t0)})
+        if (progress.step - phase.start) % every == 0 or progress.step == phase.end:
+            stop = _validate(ctx, model, phase, progress)
+            set_train_mode(model, backbone_frozen=phase.frozen)
+        if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0 and not stop:
+            _save_step(ctx, model, optimizer, progress, index)
+        if stop or progress.step >= phase.end:
+            break
     return stop
+
+
+def _phase_loader(ctx: _Context, phase: Phase, step: int):
+    """One loader for the rest of the phase: its workers live across epochs (on small data an epoch
+    may be one step, and restarting workers per epoch cost more than training). Batch for batch the
+    same data as one loader per epoch, so resuming at any step is exact."""
+    cfg = ctx.cfg
+    epoch, skip = divmod(step, ctx.steps_per_epoch)
+    last_epoch = (phase.end - 1) // ctx.steps_per_epoch
+    return create_loader(ctx.data.train_url, ctx.data.train_split, batch_size_per_rank=ctx.batch_size_per_rank,
+                         rank=ctx.ranks.rank, world_size=ctx.ranks.world_size, num_workers=ctx.num_loader_workers,
+                         seed=cfg.train.seed, epoch=epoch, transform=cfg.data.train_transform(ctx.image_size),
+                         shuffle_buffer=cfg.data.shuffle_buffer,
+                         samples_per_epoch=ctx.steps_per_epoch * cfg.train.global_batch_size,
+                         skip_batches=skip, num_epochs=last_epoch - epoch + 1)
 
 
 def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress) -> bool:
@@ -308,11 +316,10 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
     cfg, ranks = ctx.cfg, ctx.ranks
     top1 = top5 = 0.0
     if ranks.is_main:
-        size, crop_pct, mean, std = preprocessing(ctx.source.pretrained_cfg, cfg.data.image_size)
-        loader = create_loader(ctx.data.val_url, ctx.data.val_split, batch_size_per_rank=ctx.batch_size_per_rank,
-                               num_workers=cfg.data.num_workers, transform=create_eval_transform(size, crop_pct),
+        loader = create_loader(ctx.data.val_url, ctx.data.val_split, batch_size_per_rank=max(64, ctx.batch_size_per_rank),
+                               num_workers=min(cfg.data.num_workers, 1), transform=cfg.data.eval_transform(ctx.image_size),
                                shuffle=False, drop_last=False)
-        result = run_eval(model, loader, device=ranks.device, mean=mean, std=std, targets=ctx.data.val_targets,
+        result = run_eval(model, loader, device=ranks.device, mean=ctx.mean, std=ctx.std, targets=ctx.data.val_targets,
                           num_model_classes=len(ctx.data.class_names), channels_last=cfg.train.channels_last,
                           bf16=cfg.train.precision == "bf16")
         top1, top5 = result.top1, result.top5
@@ -324,12 +331,11 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
             _save(ctx.run.best_url, model.state_dict(), ctx, progress)
     else:
         progress.bad_evals += 1
-    ctx.run.log({"step": progress.step, "phase": phase.name, "val_top1": top1, "val_top5": top5,
-                 "best_val_top1": progress.best_top1})
+    ctx.run.log(progress.step, {"phase": phase.name, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     log.info("step %d (%s): val top-1 %.4f top-5 %.4f (best %.4f at step %d)", progress.step, phase.name,
              top1, top5, progress.best_top1, progress.best_step)
     if ctx.report is not None:
-        ctx.report({"step": progress.step, "val_top1": top1, "val_top5": top5, "best_val_top1": progress.best_top1})
+        ctx.report({"step": progress.step, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     barrier(ranks)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
@@ -337,18 +343,23 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
 def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = None) -> dict:
     block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
              "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
-             "metrics": {"val_top1": progress.best_top1, "best_step": progress.best_step},
+             "metrics": {EVAL_TOP1: progress.best_top1, "best_step": progress.best_step},
              "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
                                 ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
-                                "step": ctx.source.megaclass.get("step")}}
+                                "step": ctx.source.megaclass.get("step"),
+                                "scratch": ctx.cfg.finetune.scratch},
+             "augmentation": ctx.cfg.data.as_dict()}
     block.update(extra or {})
     return block
 
 
 def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extra: dict | None = None,
           write_train_state=None) -> str:
-    size, _, _, _ = preprocessing(ctx.source.pretrained_cfg, ctx.cfg.data.image_size)
-    pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, size, size], num_classes=len(ctx.data.class_names))
+    data = ctx.cfg.data
+    # the evaluation preprocessing of this model: what evaluate, predict and export apply
+    pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, ctx.image_size, ctx.image_size],
+                          num_classes=len(ctx.data.class_names), crop_pct=data.crop_pct,
+                          interpolation=data.interpolation)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     return save_checkpoint(url, state_dict=state, arch=ctx.source.arch, num_classes=len(ctx.data.class_names),
                            class_names=ctx.data.class_names, pretrained_cfg=pretrained_cfg,

@@ -4,7 +4,7 @@
     CKPT/model.safetensors  the whole model in timm's state-dict naming (sharded head gathered)
     CKPT/classes.parquet    the label vocabulary: id:int32, name:string
     CKPT/train_state/       run checkpoints only: torch.distributed.checkpoint (DCP) files holding tensors
-                            only, plus state.json for counters (pretrain.train_state, finetune.rundir)
+                            only, plus state.json for counters (pretrain.train_state, finetune.train_state)
     CKPT/SHA256SUMS         "sha256  relative/path" for every other file; written last
 
 `timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.
@@ -48,13 +48,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import timm
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from timm.models._hub import save_config_for_hf  # timm exports it only from the private module
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from data_pipeline.dataset import is_local
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -62,11 +64,12 @@ WEIGHTS_FILE = "model.safetensors"
 CLASSES_FILE = "classes.parquet"
 SUMS_FILE = "SHA256SUMS"
 TRAIN_STATE_DIR = "train_state"
-CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE, SUMS_FILE)  # all of a checkpoint without train_state/
+# The only other files a checkpoint may hold: directly inside train_state/, no '..', no sub-folders.
+TRAIN_STATE_FILE_RE = re.compile(r"train_state/(?!\.\.?$)[A-Za-z0-9._-]{1,128}")
 CLASSES_SCHEMA = pa.schema([("id", pa.int32()), ("name", pa.string())])
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 STATE_JSON_FILE = "state.json"  # train_state/ counters that are not tensors
-DCP_METADATA_FILE = ".metadata"
 DCP_DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
 
 
@@ -102,10 +105,6 @@ def _join(base: str, *parts: str) -> str:
 
 def _fs(url: str):
     return fsspec.core.url_to_fs(str(url))
-
-
-def _is_local(fs) -> bool:
-    return "file" in ({fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol))
 
 
 def step_dir_name(step: int) -> str:
@@ -176,6 +175,12 @@ def _sha256(fs, path: str) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(url: str) -> str:
+    """sha256 hex digest of one file at any fsspec URL (streamed)."""
+    fs, path = _fs(url)
+    return _sha256(fs, path)
+
+
 def _relative_files(fs, root: str) -> list[str]:
     root = root.rstrip("/")
     return sorted(posixpath.relpath(p, root) for p in fs.find(root))
@@ -184,14 +189,17 @@ def _relative_files(fs, root: str) -> list[str]:
 def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str, num_classes: int,
                     class_names: list[str], pretrained_cfg: dict[str, Any], megaclass: dict[str, Any],
                     write_train_state: Callable[[str], None] | None = None,
-                    model_args: dict[str, Any] | None = None, staging: str | None = None) -> str:
+                    model_args: dict[str, Any] | None = None, staging: str | None = None,
+                    known_sums: dict[str, str] | None = None) -> str:
     """Write a contract-2 checkpoint at `url` atomically; returns `url`.
 
     state_dict: the full model in timm naming (backbone + classifier). pretrained_cfg: input_size,
     mean, std, interpolation, crop_pct. megaclass: step, epoch, dataset manifest sha256, config,
     metrics (format_version is added). write_train_state(dir) writes train_state/ into a local dir.
     staging: a URL from `begin_checkpoint(url)` that already holds train_state/ (written by every
-    rank); default: a fresh one.
+    rank); default: a fresh one. known_sums: {relative path: sha256} of files already in staging,
+    hashed by whoever wrote them (each rank its train_state/ shard); only files neither in it nor
+    written here are read back to be hashed.
     """
     if len(class_names) != num_classes:
         raise CheckpointError(f"{url}: {len(class_names)} class names for {num_classes} classes")
@@ -200,32 +208,40 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     model_args = dict(model_args or {})
     model_args.pop("num_classes", None)
     block = {"format_version": FORMAT_VERSION, **megaclass}
-    _write(fs, _join(stage_path, CONFIG_FILE),
-           _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
+    known = dict(known_sums or {})
+
+    def write_hashed(rel: str, data: bytes) -> None:  # hashed as written, never read back
+        known[rel] = hashlib.sha256(data).hexdigest()
+        _write(fs, _join(stage_path, rel), data)
+
+    write_hashed(CONFIG_FILE, _timm_config(arch, num_classes, model_args, pretrained_cfg, class_names, block))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _write(fs, _join(stage_path, WEIGHTS_FILE), save_safetensors(tensors))
+    write_hashed(WEIGHTS_FILE, save_safetensors(tensors))
     table = pa.table({"id": pa.array(range(num_classes), pa.int32()), "name": pa.array(class_names, pa.string())},
                      schema=CLASSES_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _write(fs, _join(stage_path, CLASSES_FILE), buf.getvalue())
+    write_hashed(CLASSES_FILE, buf.getvalue())
     if write_train_state is not None:
-        if _is_local(fs):
+        if is_local(fs):
             write_train_state(_join(stage_path, TRAIN_STATE_DIR))
         else:  # the callback writes locally; upload it next to the other files
             with tempfile.TemporaryDirectory() as tmp:
                 write_train_state(tmp)
                 fs.put(tmp.rstrip("/") + "/", _join(stage_path, TRAIN_STATE_DIR), recursive=True)
-    sums = "".join(f"{_sha256(fs, _join(stage_path, rel))}  {rel}\n"
-                   for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE)
-    _write(fs, _join(stage_path, SUMS_FILE), sums.encode())  # last: marks the checkpoint complete
+    sums = {rel: known[rel] if rel in known else _sha256(fs, _join(stage_path, rel))
+            for rel in _relative_files(fs, stage_path) if rel != SUMS_FILE}
+    stray = sorted(rel for rel in sums if not is_checkpoint_file(rel))
+    if stray:  # a reader would refuse it: fail now, at the writer
+        raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")
+    _write(fs, _join(stage_path, SUMS_FILE), format_sums(sums))  # last: marks the checkpoint complete
     _commit(fs, stage_path, _fs(url)[1].rstrip("/"))
     return url
 
 
 def _commit(fs, staging: str, target: str) -> None:
     """Put the complete checkpoint at `staging` in place of `target` (see Atomicity in the module doc)."""
-    if _is_local(fs):
+    if is_local(fs):
         if os.path.exists(target):  # a re-run of the same step: the old one is moved aside first
             trash = f"{staging}.old"
             shutil.rmtree(trash, ignore_errors=True)
@@ -247,17 +263,34 @@ def _commit(fs, staging: str, target: str) -> None:
 
 # -- reading --------------------------------------------------------------------------------------
 
+def is_checkpoint_file(rel: str) -> bool:
+    """True for a relative path of the contract-2 layout (so a listed path can never leave the folder)."""
+    return rel in CHECKPOINT_FILES[:-1] or bool(TRAIN_STATE_FILE_RE.fullmatch(rel))
+
+
+def format_sums(sums: dict[str, str]) -> bytes:
+    """SHA256SUMS content: `sha256sum` lines, sorted by path."""
+    return "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items())).encode()
+
+
+def parse_sums(data: bytes, where: str) -> dict[str, str]:
+    """SHA256SUMS content -> {relative path: sha256}; anything but lines format_sums writes, naming a
+    file of the layout once, is refused with a CheckpointError naming `where` and the line."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not is_checkpoint_file(rel) or rel in sums:
+            raise CheckpointError(f"{where}: line {number} is not '<sha256>  <file of the checkpoint layout>': "
+                                  f"{line[:80]!r}")
+        sums[rel] = digest
+    return sums
+
+
 def _read_sums(fs, root: str, url: str) -> dict[str, str]:
     sums_path = _join(root, SUMS_FILE)
     if not fs.exists(sums_path):
         raise CheckpointError(f"{_join(url, SUMS_FILE)}: missing (not a checkpoint, or an incomplete one)")
-    sums: dict[str, str] = {}
-    for number, line in enumerate(fs.cat_file(sums_path).decode("utf-8", "replace").splitlines(), 1):
-        digest, sep, rel = line.partition("  ")
-        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not rel or rel.startswith(("/", "..")):
-            raise CheckpointError(f"{_join(url, SUMS_FILE)}: line {number} is malformed: {line[:80]!r}")
-        sums[rel] = digest
-    return sums
+    return parse_sums(fs.cat_file(sums_path), _join(url, SUMS_FILE))
 
 
 def verify_checkpoint(url: str) -> dict[str, Any]:
@@ -396,10 +429,17 @@ def prune_checkpoints(run_url: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` run checkpoints; returns the deleted URLs."""
     doomed = list_checkpoints(run_url)[:-keep] if keep > 0 else []
     for url in doomed:
-        fs, path = _fs(url)
-        fs.rm(_join(path, SUMS_FILE))  # first, so a half-deleted dir never looks complete
-        fs.rm(path, recursive=True)
+        discard_checkpoint(url)
     return doomed
+
+
+def discard_checkpoint(url: str) -> None:
+    """Delete the checkpoint at `url` if there is one, SHA256SUMS first (a half-deleted dir never looks complete)."""
+    fs, path = _fs(url)
+    if fs.exists(_join(path, SUMS_FILE)):
+        fs.rm(_join(path, SUMS_FILE))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 # -- train_state/: DCP tensors + state.json, read as untrusted input ------------------------------

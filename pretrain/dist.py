@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as torch_dist
@@ -118,30 +118,23 @@ def _as_tensor(value: float | int | torch.Tensor, dist: DistInfo) -> torch.Tenso
     return torch.tensor(float(value), dtype=torch.float64, device=dist.device)
 
 
-def _reduce(value, dist: DistInfo, op, mean: bool):
+def _reduce(value, dist: DistInfo, op):
     if not dist.is_distributed:
         return value.detach().clone() if isinstance(value, torch.Tensor) else value
     t = _as_tensor(value, dist)
     torch_dist.all_reduce(t, op=op)
-    if mean:
-        t = t / dist.world_size
     if isinstance(value, torch.Tensor):
         return t.to(value.device)
-    return type(value)(t.item()) if isinstance(value, int) and not mean else float(t.item())
+    return type(value)(t.item()) if isinstance(value, int) else float(t.item())
 
 
 def all_reduce_sum(value: float | int | torch.Tensor, dist: DistInfo):
     """Sum over ranks; returns the same kind (python number or a new tensor, no autograd)."""
-    return _reduce(value, dist, torch_dist.ReduceOp.SUM, mean=False)
-
-
-def all_reduce_mean(value: float | int | torch.Tensor, dist: DistInfo):
-    """Mean over ranks (float for python numbers); for logging metrics from every rank."""
-    return _reduce(value, dist, torch_dist.ReduceOp.SUM, mean=True)
+    return _reduce(value, dist, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: float | int | torch.Tensor, dist: DistInfo):
-    return _reduce(value, dist, torch_dist.ReduceOp.MAX, mean=False)
+    return _reduce(value, dist, torch_dist.ReduceOp.MAX)
 
 
 def all_reduce_(tensor: torch.Tensor, dist: DistInfo, op: str = "sum") -> torch.Tensor:
@@ -163,6 +156,29 @@ def all_gather(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return out
 
 
+def gather(x: torch.Tensor, dist: DistInfo, dst: int = 0) -> torch.Tensor | None:
+    """Like all_gather, but only rank `dst` receives the result (others get None): 1/world the traffic
+    and memory of all_gather when one rank needs the whole thing (e.g. exporting the head)."""
+    if not dist.is_distributed:
+        return x
+    x = x.contiguous()
+    if dist.rank != dst:
+        torch_dist.gather(x, None, dst=dst)
+        return None
+    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
+    torch_dist.gather(x, parts, dst=dst)
+    return torch.cat(parts)
+
+
+def gather_object(obj: Any, dist: DistInfo, dst: int = 0) -> list[Any] | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank `dst`, None elsewhere (small picklable things)."""
+    if not dist.is_distributed:
+        return [obj]
+    box = [None] * dist.world_size if dist.rank == dst else None
+    torch_dist.gather_object(obj, box, dst=dst)
+    return box
+
+
 def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     """Send a picklable object from rank `src` to every rank (small things: paths, configs, seeds)."""
     if not dist.is_distributed:
@@ -170,13 +186,6 @@ def broadcast_object(obj: Any, dist: DistInfo, src: int = 0) -> Any:
     box = [obj if dist.rank == src else None]
     torch_dist.broadcast_object_list(box, src=src, device=dist.device if dist.backend == "nccl" else None)
     return box[0]
-
-
-def broadcast_(tensor: torch.Tensor, dist: DistInfo, src: int = 0) -> torch.Tensor:
-    """In-place broadcast of a tensor from rank `src`; returns the tensor."""
-    if dist.is_distributed:
-        torch_dist.broadcast(tensor, src=src)
-    return tensor
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -195,7 +204,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         dist, rows = ctx.dist, ctx.rows
         grad_out = grad_out.contiguous()
+        dtype = grad_out.dtype
         if dist.is_distributed:
+            # The ranks' partial gradients are summed in fp32: a bf16 sum over many ranks loses bits.
+            grad_out = grad_out.float()
             if dist.backend != "gloo" or _GLOO_REDUCE_SCATTER:
                 grad = torch.empty((rows, *grad_out.shape[1:]), dtype=grad_out.dtype, device=grad_out.device)
                 _reduce_scatter_single(grad, grad_out)
@@ -208,7 +220,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             grad = grad_out
         if ctx.grad_scale != 1.0:
             grad = grad * ctx.grad_scale
-        return grad, None, None
+        return grad.to(dtype), None, None
 
 
 def all_gather_with_grad(x: torch.Tensor, dist: DistInfo, grad_scale: float = 1.0) -> torch.Tensor:
@@ -221,3 +233,33 @@ def all_gather_with_grad(x: torch.Tensor, dist: DistInfo, grad_scale: float = 1.
     if not dist.is_distributed and grad_scale == 1.0:
         return x
     return _AllGatherWithGrad.apply(x, dist, float(grad_scale))
+
+
+def replica_spread(values: torch.Tensor, dist: DistInfo) -> float:
+    """max over elements of (max over ranks - min over ranks) of a 1-D tensor: 0.0 when every rank holds
+    the same values (e.g. per-parameter sums of a DDP replica), one all_reduce and one host sync."""
+    if not dist.is_distributed:
+        return 0.0
+    both = torch.cat([values.double(), -values.double()])
+    all_reduce_(both, dist, op="max")
+    highest, neg_lowest = both.chunk(2)
+    return float((highest + neg_lowest).max().item()) if len(values) else 0.0
+
+
+@torch.no_grad()
+def sync_buffers(modules: Iterable[torch.nn.Module], dist: DistInfo) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) of `modules` over ranks in place,
+    one all_reduce per dtype. Integer buffers (num_batches_tracked) are the same on every rank already."""
+    if not dist.is_distributed:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for module in modules:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        all_reduce_(flat, dist)
+        flat /= dist.world_size
+        for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(value.view_as(buffer))

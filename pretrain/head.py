@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.dist import (DistInfo, all_gather, all_gather_with_grad, all_reduce_, all_reduce_sum,
-                           broadcast_object)
+                           broadcast_object, gather)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -37,17 +37,19 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, min(start + rows_per_rank, num_classes)
 
 
-def gather_rows(local: torch.Tensor, num_classes: int, dist: DistInfo) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, num_classes: int, dist: DistInfo, dst: int | None = None) -> torch.Tensor | None:
     """Rebuild a full [C, ...] tensor from every rank's row slice (weights, bias, optimizer state).
 
-    Slices are padded to ceil(C / world) rows so one equal-sized all_gather suffices, then trimmed.
+    Slices are padded to ceil(C / world) rows so one equal-sized collective suffices, then trimmed.
+    dst=None: every rank gets the result (all_gather); dst=r: only rank r does, the others get None.
     """
     rows_per_rank = math.ceil(num_classes / dist.world_size)
     local = local.detach()
     if local.shape[0] < rows_per_rank:
         pad = local.new_zeros((rows_per_rank - local.shape[0], *local.shape[1:]))
         local = torch.cat([local, pad])
-    return all_gather(local, dist)[:num_classes].clone()
+    full = all_gather(local, dist) if dst is None else gather(local, dist, dst)
+    return None if full is None else full[:num_classes].clone()
 
 
 def slice_rows(full: torch.Tensor, num_classes: int, dist: DistInfo) -> torch.Tensor:
@@ -86,7 +88,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         packed = torch.cat([exp.sum(dim=1), z_a, z_b, z_sum, z.new_tensor([float(width)])])
         all_reduce_(packed, dist, op="sum")
         sum_exp, z_a, z_b, z_sum = packed[:-1].view(4, batch)
-        num_classes = packed[-1].item()
+        num_classes = packed[-1]  # a tensor: reading it would be a host sync
         eps = label_smoothing
         per_sample = (sum_exp.log() - (1 - eps) * (lam * z_a + (1 - lam) * z_b)
                       - eps * z_sum / num_classes)
@@ -170,12 +172,6 @@ def sharded_topk_correct(local_logits: torch.Tensor, targets_global: torch.Tenso
     return {k: int(hits[:, :k].any(dim=1).sum().item()) for k in ks}
 
 
-def sharded_argmax(local_logits: torch.Tensor, dist: DistInfo, class_start: int,
-                   class_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Predicted class id per sample of the global batch [B_global], on every rank."""
-    return _global_topk_ids(local_logits, dist, class_start, 1, class_ids)[:, 0]
-
-
 def _global_topk_ids(local_logits, dist, class_start, k, class_ids):
     batch, width = local_logits.shape
     local_k = min(k, width)
@@ -257,7 +253,11 @@ class ShardedClassifierHead(nn.Module):
     def forward_loss(self, features_local: torch.Tensor, targets_local: torch.Tensor, *,
                      label_smoothing: float = 0.0, targets_b_local: torch.Tensor | None = None,
                      lam: float | torch.Tensor = 1.0) -> HeadOutput:
-        """Gather targets (and per-sample lam), score, and compute the loss; handles sampling."""
+        """Gather targets (and per-sample lam), score, and compute the loss; handles sampling.
+
+        Collective: every rank must pass the same kinds of arguments (targets_b_local given or None on
+        all ranks, lam a per-sample tensor on all ranks or a number on all ranks), whatever its values.
+        """
         targets = all_gather(targets_local, self.dist)
         targets_b = None if targets_b_local is None else all_gather(targets_b_local, self.dist)
         if isinstance(lam, torch.Tensor) and lam.dim() > 0:
@@ -292,12 +292,19 @@ class ShardedClassifierHead(nn.Module):
         return keep.sort().values
 
     @torch.no_grad()
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The full 'weight' [C, F] and 'bias' [C] on every rank (for publishing a checkpoint)."""
-        state = {"weight": gather_rows(self.weight, self.num_classes, self.dist)}
-        if self.bias is not None:
-            state["bias"] = gather_rows(self.bias, self.num_classes, self.dist)
-        return state
+    def full_state(self, dst: int | None = None) -> dict[str, torch.Tensor]:
+        """The full 'weight' [C, F] and 'bias' [C] (collective: all ranks call it).
+
+        dst=None: on every rank; dst=r: on rank r only (the others get {}), which is what exporting a
+        checkpoint needs: one gather of C x (F + 1) numbers instead of an all_gather onto every rank.
+        """
+        local = self.weight if self.bias is None else torch.cat([self.weight, self.bias[:, None]], dim=1)
+        full = gather_rows(local, self.num_classes, self.dist, dst)  # weight and bias in one collective
+        if full is None:
+            return {}
+        if self.bias is None:
+            return {"weight": full}
+        return {"weight": full[:, :-1].contiguous(), "bias": full[:, -1].contiguous()}
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -312,28 +319,27 @@ class ShardedClassifierHead(nn.Module):
                 raise ValueError(f"head state '{name}' has shape {tuple(state[name].shape)}, expected {shape}")
             getattr(self, name).copy_(slice_rows(state[name], self.num_classes, self.dist))
 
-    @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        """A plain nn.Linear with every class (collective: all ranks call it), e.g. for evaluating
-        on rank 0 alone or for building the published timm model's classifier."""
-        state = self.full_state()
-        linear = nn.Linear(self.num_features, self.num_classes, bias=self.bias is not None,
-                           device=self.weight.device)
-        linear.load_state_dict(state)
-        return linear
 
-
-def clip_grad_norm_(replicated_params, sharded_params, max_norm: float, dist: DistInfo) -> float:
+def clip_grad_norm_(replicated_params, sharded_params, max_norm: float, dist: DistInfo) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for a DDP backbone plus a sharded head: the head's squared norm
     is summed over ranks (each holds different rows), the backbone's (identical on all ranks) is not.
-    Returns the total norm before clipping, the same on every rank."""
+
+    Returns the total norm before clipping as a 0-dim fp32 tensor, the same on every rank. No host
+    sync: the norms are foreach kernels, the scale is applied on the device even when it is 1.0, and
+    one all_reduce of a scalar is the only collective. This is the one gradient-clipping path.
+    """
     replicated = [p.grad for p in replicated_params if p.grad is not None]
     sharded = [p.grad for p in sharded_params if p.grad is not None]
     device = (replicated + sharded)[0].device if replicated + sharded else dist.device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    sharded_sq = all_reduce_sum(sum((g.detach().double().pow(2).sum() for g in sharded), zero), dist)
-    total = (sharded_sq + sum((g.detach().double().pow(2).sum() for g in replicated), zero)).sqrt()
+
+    def squared(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+
+    total = (all_reduce_sum(squared(sharded), dist) + squared(replicated)).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in replicated + sharded:
-        g.mul_(scale.to(g.dtype))
-    return float(total.item())
+    grads = replicated + sharded
+    if grads:
+        torch._foreach_mul_(grads, scale)
+    return total

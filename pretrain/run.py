@@ -9,12 +9,16 @@ in pretrain.train.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+import os
 import posixpath
+import shutil
 import signal
+import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
@@ -28,17 +32,16 @@ from torch import nn
 from data_pipeline import dataset as ds
 from data_pipeline.config import ConfigError, to_dict, to_yaml
 from data_pipeline.reader import Loader, create_loader, dataset_info
-from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_eval_transform, create_train_transform
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_random_erasing
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig, fit_to_world_size
-from pretrain.dist import DistInfo, barrier
+from pretrain.dist import DistInfo, all_reduce_max, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
+from pretrain.rundir import CONFIG_FILE, FINAL_DIR
 from pretrain.train_state import Progress, load_train_state, read_progress, save_train_state
 
 log = logging.getLogger(__name__)
-FINAL_DIR = "final"
-CROP_PCT = 0.875
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Run:
     scheduler: Any
     ema: ModelEmaV3 | None
     mixup: Mixup | None
+    erasing: Any  # timm RandomErasing on the normalized batch (data.re_prob), or None
     preset: Preset
     class_names: list[str]
     manifest_sha256: str
@@ -61,6 +65,26 @@ class Run:
     total_steps: int
     progress: Progress
     resumed_from: str | None = None  # the run checkpoint this process resumed from
+    pending_upload: "Upload | None" = field(default=None, repr=False)  # a checkpoint still being uploaded
+
+    def __post_init__(self) -> None:
+        # (x / 255 - mean) / std as one fused x * scale + shift, the constants made once on the device
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self._norm_scale = (1.0 / (255.0 * std)).view(-1, 1, 1).to(self.dist.device)
+        self._norm_shift = (-mean / std).view(-1, 1, 1).to(self.dist.device)
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Loader uint8 [B, 3, H, W] -> normalised float32 on the device: one pass over float memory.
+        The channels_last reorder happens on the uint8 tensor (a quarter of the bytes); addcmul keeps it."""
+        images = images_uint8.to(self.dist.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return torch.addcmul(self._norm_shift, images, self._norm_scale)
+
+    def sync_buffers(self) -> None:
+        """Average BatchNorm statistics (of the backbone and its EMA) over ranks: DDP no longer broadcasts
+        them every forward, and evaluation and checkpoints must see one model."""
+        sync_buffers([self.backbone] + ([self.ema] if self.ema is not None else []), self.dist)
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +98,7 @@ class Run:
         return create_loader(
             cfg.data.url, cfg.data.train_split, batch_size_per_rank=self.batch_size_per_rank, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
-            transform=create_train_transform(cfg.data.image_size, scale=(cfg.data.crop_scale_min, 1.0)),
+            transform=cfg.data.train_transform(cfg.data.image_size),
             shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.samples_per_epoch or None,
             skip_batches=skip_batches, pin_memory=self.dist.device.type == "cuda")
 
@@ -85,8 +109,9 @@ class Run:
             return None
         return create_loader(
             self.cfg.data.url, self.cfg.data.eval_split, batch_size_per_rank=per_rank, rank=self.dist.rank,
-            world_size=self.dist.world_size, num_workers=min(self.cfg.data.num_workers, 1), shuffle=False,
-            transform=create_eval_transform(self.cfg.data.image_size, CROP_PCT), seed=self.cfg.train.seed)
+            world_size=self.dist.world_size, num_workers=self.cfg.data.num_workers, shuffle=False,
+            transform=self.cfg.data.eval_transform(self.cfg.data.image_size), seed=self.cfg.train.seed,
+            pin_memory=self.dist.device.type == "cuda")
 
     def epoch_steps(self, timer) -> Iterator[list]:
         """Micro-batch lists of the remaining optimizer steps of the current epoch, then advance the epoch."""
@@ -156,8 +181,7 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
                           f"world size {dist.world_size} * train.grad_accum_steps {cfg.train.grad_accum_steps}")
     info = check_data(cfg)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    _set_determinism(cfg, dist)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # same backbone init on every rank
@@ -170,10 +194,16 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
     class_names = ds.class_names(cfg.data.url)
     head = ShardedClassifierHead(num_features, len(class_names), dist, sample_ratio=cfg.model.head_sample_ratio,
                                  init_seed=cfg.train.seed)
+    # LAMB's built-in clipping (max_grad_norm) would use this rank's norm, which includes only its head
+    # rows: ranks would scale the replicated backbone differently and drift apart. train.grad_clip_norm
+    # (pretrain.head.clip_grad_norm_, over every rank's rows) is the one clipping path.
+    extra = {"max_grad_norm": None} if cfg.optim.name == "lamb" else {}
     optimizer = create_optimizer_v2(nn.ModuleDict({"backbone": backbone, "head": head}), opt=cfg.optim.name,
-                                    lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+                                    lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                                    **extra)
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None, preset, class_names,
+    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None,
+              create_random_erasing(cfg.data.re_prob, dist.device), preset, class_names,
               info["manifest_sha256"], info["splits"].get(cfg.data.eval_split, {}).get("num_samples", 0),
               cfg.train.global_batch_size // ranks_x_accum, 0, 0, Progress(world_size=dist.world_size))
     run.steps_per_epoch = len(run.loader(0)) // cfg.train.grad_accum_steps
@@ -188,12 +218,37 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
                           switch_prob=cfg.loss.switch_prob, mode="batch", num_classes=len(class_names))
     if not rng_restored:  # per-rank stream for dropout / drop-path; a resume restores the saved one
         torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * run.progress.step)
-    if cfg.train.compile:
-        backbone.compile()  # in place: state-dict keys stay timm's
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        run.model = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+        # No broadcast of BatchNorm statistics before every forward (rank 0's are still copied once, at
+        # construction): each rank keeps its own and Run.sync_buffers averages them before evaluating and
+        # checkpointing. torch 2.14 renamed the switch; older releases know only broadcast_buffers.
+        ddp_class = nn.parallel.DistributedDataParallel
+        no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(ddp_class).parameters else {"broadcast_buffers": False})
+        run.model = ddp_class(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
+    if cfg.train.compile:
+        # The DDP-wrapped model is compiled (not the backbone inside it), so dynamo's DDP optimizer splits
+        # the graph at bucket boundaries and gradient all-reduces still overlap the backward.
+        # run.backbone stays the plain module: state-dict keys stay timm's.
+        run.model = torch.compile(run.model)
     return run
+
+
+def _set_determinism(cfg: PretrainConfig, dist: DistInfo) -> None:
+    """train.deterministic: deterministic kernels. On CUDA, cuBLAS needs a fixed workspace (set here, before
+    the first cuBLAS call) and some kernels have no deterministic version (adaptive average pooling
+    backward): those warn instead of raising, so "exact resume" on a GPU means same data, same RNG, same
+    step and learning rate, with weights equal only up to those kernels' float-summation order.
+    Otherwise cuDNN benchmarks its algorithms once per input shape (fixed shapes here: a gain)."""
+    on_cuda = dist.device.type == "cuda"
+    if cfg.train.deterministic:
+        if on_cuda:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=on_cuda)
+        torch.backends.cudnn.benchmark = False
+    elif on_cuda:
+        torch.backends.cudnn.benchmark = True
 
 
 def _create_scheduler(cfg: PretrainConfig, optimizer, total_steps: int):
@@ -210,18 +265,29 @@ def _resume(run: Run) -> bool:
     """Load the newest run checkpoint (if any); True when the RNG state was restored too."""
     cfg, dist = run.cfg, run.dist
     rng_restored = False
-    latest = ckpt.latest_checkpoint(cfg.checkpoint.url) if cfg.checkpoint.resume else None
+    # Rank 0 picks and verifies the checkpoint once (reading every file) and tells the others: every
+    # rank resumes from the same one, and a damaged one fails on every rank with the same error.
+    latest, error = None, None
+    if dist.is_main and cfg.checkpoint.resume:
+        latest = ckpt.latest_checkpoint(cfg.checkpoint.url)
+        try:
+            if latest is not None:
+                ckpt.verify_checkpoint(latest)
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    latest, error = broadcast_object((latest, error), dist)
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     if latest is not None:
-        ckpt.verify_checkpoint(latest)
-        saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
-                                 optimizer=run.optimizer, ema=run.ema, dist=dist)
+        saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
+                                 head=run.head, optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
         rng_restored = saved.world_size == dist.world_size
         run.resumed_from = latest
         log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
                  saved.world_size, dist.world_size)
     if dist.is_main:
-        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), "config.yaml"), to_yaml(cfg).encode())
+        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), CONFIG_FILE), to_yaml(cfg).encode())
         if cfg.log.sample_keys:
             _truncate_keys(run)
     barrier(dist)
@@ -248,32 +314,108 @@ def model_state(run: Run, head_state: dict[str, torch.Tensor]) -> dict[str, torc
     return state
 
 
-def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) -> str:
-    """Collective: step-N/ with train_state/ (then prune to checkpoint.keep); at the end also final/."""
+def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False, wait: bool = False) -> str:
+    """Collective: step-N/ with train_state/ (then prune to checkpoint.keep); at the end also final/.
+
+    On object storage a step checkpoint (not final/, not wait=True) is written to local disk and
+    uploaded by a background thread per rank while training goes on; it completes (SHA256SUMS) at the
+    start of the next checkpoint, so until then it is ignored like any incomplete one. Locally it is
+    written in place (a rename makes it appear).
+    """
     cfg, dist, step = run.cfg, run.dist, run.progress.step
+    finish_upload(run)
     run_url = cfg.checkpoint.url.rstrip("/")
     step_url = posixpath.join(run_url, ckpt.step_dir_name(step))
+    background = not (final or wait) and not ckpt.is_local(fsspec.core.url_to_fs(step_url)[0])  # object storage
+    run.sync_buffers()
     if dist.is_main:
         ckpt.begin_checkpoint(step_url)
+        if background:  # uploaded in place below: an older checkpoint of this step (a redone step) goes first
+            ckpt.discard_checkpoint(step_url)
     barrier(dist)
-    save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
-                     head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress, dist=dist)
-    head_state = run.head.full_state()
+    local_step = posixpath.join(tempfile.mkdtemp(prefix="megaclass-checkpoint-"), ckpt.step_dir_name(step)) \
+        if background else None
+    staging = ckpt.staging_url(local_step or step_url)
+    state_sums = save_train_state(posixpath.join(staging, ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
+                                  head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress,
+                                  dist=dist)
+    head_state = run.head.full_state(dst=0)  # only rank 0 writes the model
     if dist.is_main:
         kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
                       class_names=run.class_names, model_args=run.preset.model_args,
                       pretrained_cfg={"input_size": (3, cfg.data.image_size, cfg.data.image_size),
-                                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
-                                      "crop_pct": CROP_PCT},
+                                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                      "interpolation": cfg.data.interpolation, "crop_pct": cfg.data.crop_pct},
                       megaclass={"step": step, "epoch": run.progress.epoch, "dataset_url": cfg.data.url,
                                  "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
-                                 "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics})
-        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), **kwargs)
-        ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
+                                 "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics,
+                                 "augmentation": cfg.data.as_dict()})
+        ckpt.save_checkpoint(local_step or step_url, staging=staging, known_sums=state_sums, **kwargs)
+        if not background:
+            ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
         if final:
             ckpt.save_checkpoint(posixpath.join(run_url, FINAL_DIR), **kwargs)
-    barrier(dist)
+    if background:  # rank 0 uploads its complete local checkpoint, the others their train_state/ shard
+        sums, source = state_sums, staging
+        if dist.is_main:
+            with open(posixpath.join(local_step, ckpt.SUMS_FILE), "rb") as f:
+                sums, source = {**ckpt.parse_sums(f.read(), local_step), **state_sums}, local_step
+        run.pending_upload = Upload.start(source, step_url, sums)
+    else:
+        barrier(dist)
     return posixpath.join(run_url, FINAL_DIR) if final else step_url
+
+
+@dataclass
+class Upload:
+    """One rank's background upload of a run checkpoint's files (all but SHA256SUMS) to object storage."""
+
+    url: str
+    thread: threading.Thread
+    errors: list[BaseException]
+    sums: dict[str, str]  # rank 0: every rank's train_state/ file hashes
+
+    @classmethod
+    def start(cls, local_dir: str, url: str, sums: dict[str, str]) -> "Upload":
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                fs, path = fsspec.core.url_to_fs(url)
+                for root, _, names in os.walk(local_dir):
+                    for name in names:
+                        rel = os.path.relpath(os.path.join(root, name), local_dir)
+                        if rel != ckpt.SUMS_FILE:  # rank 0 writes the complete one once every rank is done
+                            fs.put_file(os.path.join(root, name), posixpath.join(path, rel))
+            except Exception as exc:  # re-raised on the training thread by finish_upload
+                errors.append(exc)
+            finally:
+                shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
+
+        thread = threading.Thread(target=upload, name=f"upload {url}", daemon=True)
+        thread.start()
+        return cls(url, thread, errors, sums)
+
+
+def finish_upload(run: Run) -> None:
+    """Collective: wait for this rank's background upload; rank 0 then completes the checkpoint
+    (SHA256SUMS: its own files' sums from its local copy, every rank's train_state/ sums) and prunes."""
+    pending, run.pending_upload = run.pending_upload, None
+    if pending is None:
+        return
+    pending.thread.join()
+    if all_reduce_max(float(bool(pending.errors)), run.dist):  # every rank fails together
+        raise RuntimeError(f"{pending.url}: uploading the checkpoint failed on a rank") from \
+            (pending.errors[0] if pending.errors else None)
+    if run.dist.is_main:
+        fs, path = fsspec.core.url_to_fs(pending.url)
+        present = {posixpath.relpath(p, path.rstrip("/")) for p in fs.find(path)}
+        missing = sorted(set(pending.sums) - present)
+        if missing:
+            raise ckpt.CheckpointError(f"{posixpath.join(pending.url, missing[0])}: not uploaded")
+        with fs.open(posixpath.join(path, ckpt.SUMS_FILE), "wb") as f:  # last: the checkpoint is complete
+            f.write(ckpt.format_sums(pending.sums))
+        ckpt.prune_checkpoints(run.cfg.checkpoint.url.rstrip("/"), run.cfg.checkpoint.keep)
 
 
 class Preemption(contextlib.AbstractContextManager):
@@ -285,6 +427,7 @@ class Preemption(contextlib.AbstractContextManager):
 
     def __init__(self) -> None:
         self.requested = False
+        self.installed = False  # False under Ray Train on every rank: the loop then skips the flag's all_reduce
         self._previous = None
 
     def _handle(self, signum, frame) -> None:
@@ -293,6 +436,7 @@ class Preemption(contextlib.AbstractContextManager):
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
         return self
 
     def __exit__(self, *exc) -> None:

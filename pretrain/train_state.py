@@ -28,8 +28,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from pretrain.checkpoint import SafeDCPReader, read_state_metadata
-from pretrain.dist import DistInfo
+from pretrain.checkpoint import TRAIN_STATE_DIR, SafeDCPReader, file_sha256, read_state_metadata
+from pretrain.dist import DistInfo, gather_object
 
 
 @dataclass
@@ -103,8 +103,13 @@ def _state_dict(*, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.
 
 
 def save_train_state(url: str, *, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
-                     ema: nn.Module | None, progress: Progress, dist: DistInfo) -> None:
-    """Collective: every rank calls it with the same `url` (a dir on storage all ranks share)."""
+                     ema: nn.Module | None, progress: Progress, dist: DistInfo) -> dict[str, str]:
+    """Collective: every rank calls it with the same `url` (a dir on storage all ranks share).
+
+    Returns, on rank 0, {"train_state/NAME": sha256} of every file written ({} on the other ranks):
+    each rank hashes the files it wrote itself, in parallel and while they are in the page cache,
+    so rank 0 never re-reads the other ranks' shards (pretrain.checkpoint.save_checkpoint known_sums).
+    """
     # Every rank's RNG state under its own key: gather them so the saved set is complete.
     state = _state_dict(backbone=backbone, head=head, optimizer=optimizer, ema=ema, progress=progress,
                         dist=dist, with_rng=True)
@@ -114,8 +119,14 @@ def save_train_state(url: str, *, backbone: nn.Module, head: nn.Module, optimize
         torch_dist.all_gather_object(rng, {k: v for k, v in state.items() if k.startswith("rng/")})
         for part in rng:
             state.update(part)
-    dcp.save(state, storage_writer=FsspecWriter(url),
-             no_dist=dist.world_size == 1)
+    metadata = dcp.save(state, storage_writer=FsspecWriter(url), no_dist=dist.world_size == 1)
+    # DCP names rank r's data files "__r_N.distcp"; rank 0 also writes the index (.metadata).
+    mine = sorted({info.relative_path for info in metadata.storage_data.values()
+                   if info.relative_path.startswith(f"__{dist.rank}_")})
+    mine += [".metadata"] if dist.is_main else []
+    digests = {f"{TRAIN_STATE_DIR}/{name}": file_sha256(f"{url.rstrip('/')}/{name}") for name in mine}
+    parts = gather_object(digests, dist)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else {}
 
 
 def read_progress(url: str) -> Progress:

@@ -6,10 +6,12 @@
         server.add("/old.jpg", status=301, location="/a.jpg")     # redirect (relative or absolute)
         server.add("/noai.jpg", jpeg_bytes, headers={"X-Robots-Tag": "noai"})
         server.add("/endless", endless=True)                       # streams zeros forever
+        server.add("/flaky.jpg", jpeg_bytes, fail_first=2)        # 503 twice, then 200
         server.url("/a.jpg")                                       # http://127.0.0.1:PORT/a.jpg
 
 Unregistered paths answer 404; `status=500` etc. answer that status. `server.hits[path]` counts
-requests. Reused by bench/ingest.py (import it with `tests/` on sys.path) and simulations.
+requests. `LoopbackServer(ssl_context=ctx)` serves HTTPS. Reused by bench/ingest.py (import it
+with `tests/` on sys.path) and simulations.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Route:
     delay_s: float = 0.0          # before the status line
     endless: bool = False         # stream zeros until the client hangs up
     content_type: str = "image/jpeg"
+    fail_first: int = 0           # answer `fail_status` to the first N requests
+    fail_status: int = 503
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -47,6 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
             route = Route(b"not found", status=404, content_type="text/plain")
         if route.delay_s:
             time.sleep(route.delay_s)
+        if self.server.hits[path] <= route.fail_first:
+            route = Route(b"try later", status=route.fail_status, headers=route.headers, content_type="text/plain")
         self.send_response(route.status)
         self.send_header("Content-Type", route.content_type)
         if route.location:
@@ -76,8 +82,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self):
+    def handle_error(self, request, client_address) -> None:  # failed TLS handshakes are test cases here
+        return
+
+    def __init__(self, ssl_context=None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        if ssl_context is not None:
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True)
         self.routes: dict[str, Route] = {}
         self.hits: Counter = Counter()
         self.stopping = threading.Event()
@@ -86,8 +97,9 @@ class _Server(ThreadingHTTPServer):
 class LoopbackServer:
     """A ThreadingHTTPServer on 127.0.0.1 serving registered payloads; a context manager."""
 
-    def __init__(self):
-        self._server = _Server()
+    def __init__(self, ssl_context=None):
+        self._server = _Server(ssl_context)
+        self.scheme = "https" if ssl_context is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -99,7 +111,7 @@ class LoopbackServer:
         return self._server.hits
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def add(self, path: str, body: bytes = b"", **kwargs) -> str:
         """Register a route (see `Route` for options); returns its URL."""

@@ -167,10 +167,10 @@ def detection_run(tmp_path_factory):
 def test_detection_finetune_resume_and_checkpoint(detection_run):
     run = detection_run["run"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "train_loss" in r]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the second invocation started at step 3: resumed, not restarted
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000002", "step-00000004"]
-    assert any("val_map" in r for r in records[detection_run["first_records"]:])
+    assert any("eval_map" in r for r in records[detection_run["first_records"]:])
     final = load_checkpoint(str(run / "final"))
     assert final.task == "detection" and final.megaclass["detector"]["name"] == "faster_rcnn"
     assert final.class_names == sorted(f"{s}-{c}" for s, c in detection_classes(3))

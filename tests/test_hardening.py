@@ -66,3 +66,31 @@ def test_lock_timeout_is_a_registry_error(tmp_path):
     with pytest.raises(RegistryError, match="lock held"):
         with FileLock(LocalFileSystem(), str(lock), timeout_s=0.2, stale_s=60):
             pass
+
+
+def test_finetune_phase_plan_is_checked_before_ray(tmp_path, capsys, monkeypatch):
+    import timm
+
+    import cluster.runtime
+    from pretrain.checkpoint import save_checkpoint
+    from tests.dataset_factory import make_dataset
+    monkeypatch.setattr(cluster.runtime, "ray_session", lambda *a, **k: pytest.fail("Ray was started"))
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    source = save_checkpoint(str(tmp_path / "src"), state_dict=model.state_dict(), arch="test_resnet", num_classes=3,
+                             class_names=["a", "b", "c"], megaclass={"step": 1},
+                             pretrained_cfg={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
+    data = make_dataset(tmp_path / "ds", {"train": [8], "val": [4]}, num_classes=3)
+    capsys.readouterr()
+    code = main(["finetune", "--checkpoint", source, "--train", data, "--out", str(tmp_path / "run"),
+                 "--mode", "lp-ft", "--set", "train.global_batch_size=4", "--set", "train.max_steps=6",
+                 "--set", "finetune.lp_steps=50"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "finetune.lp_steps" in err[0]
+
+
+@pytest.mark.parametrize("argv", [["plan", "--per-gpu-images-per-s", "nan"], ["ingest", "a", "b", "--timeout-s", "1e400"],
+                                  ["predict", "m", "x.jpg", "--min-score", "inf"]])
+def test_numeric_flags_refuse_non_finite_values(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "is not a finite number" in capsys.readouterr().err

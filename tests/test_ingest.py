@@ -22,6 +22,7 @@ from data_pipeline.source import SourceError
 from tests.conftest import encode_image, noise_jpeg, solid_jpeg
 
 CFG = replace(IngestConfig(), ["fetch.allow_networks=[127.0.0.0/8]", "fetch.timeout_s=1.0", "fetch.threads=4",
+                               "fetch.retries=0",
                                "image.image_size=32", "output.shard_size=4", "output.max_failed_fraction=1.0"])
 
 
@@ -136,8 +137,7 @@ def test_held_out_split_by_key_hash(http_server, tmp_path):
     assert train["ok"] == train["rows"] and val["ok"] == val["rows"]
     val_keys = {s["__key__"] for url, _ in dataset.split_shards(out, "val") for s in dataset.iter_shard(url)}
     again = plan_shards(source, str(tmp_path / "other"), cfg)
-    assert val_keys == set(again.table.filter(pa.compute.equal(again.table.column("split"), "val"))
-                           .column("key").to_pylist())
+    assert val_keys == {k for t in again.tasks() if t.split == "val" for k in t.rows.column("key").to_pylist()}
 
 
 def test_image_folder_source(tmp_path):
@@ -161,7 +161,9 @@ def test_memory_filesystem_source_images_and_output():
                              "label": ["a", "b", "a", "b"]}), buf)
     fs.pipe("/w1src/table.parquet", buf.getvalue())
     out = "memory://w1out"
-    manifest = ingest("memory://w1src/table.parquet", out)
+    with pytest.raises(SourceError, match="allow_schemes"):  # a table names http(s) URLs unless opened
+        plan_shards("memory://w1src/table.parquet", out, CFG)
+    manifest = ingest("memory://w1src/table.parquet", out, replace(CFG, ["fetch.allow_schemes=[memory]"]))
     assert manifest["totals"]["train"]["ok"] == 3 and manifest["totals"]["train"]["reasons"] == {"not_found": 1}
     assert dataset.verify_dataset(out) == []
     assert sum(n for _, n in dataset.split_shards(out, "train")) == 3
@@ -177,7 +179,7 @@ def test_120k_classes_without_per_class_work(tmp_path):
     labels = [f"class-{i:06d}" for i in range(num_classes)][::-1]
     urls = [f"file://{tmp_path}/{i % num_images}.jpg" for i in range(num_classes)]
     source = write_table(tmp_path / "big.parquet", url=urls, label=labels)
-    cfg = replace(CFG, ["output.shard_size=30000"])
+    cfg = replace(CFG, ["output.shard_size=30000", "fetch.allow_schemes=[file]"])
     start = time.monotonic()
     out = str(tmp_path / "out")
     manifest = ingest(source, out, cfg)
@@ -194,7 +196,7 @@ def test_120k_classes_without_per_class_work(tmp_path):
 
     # The merge alone at 120k classes x 1,000 shards (120 classes each): linear, well under seconds.
     plan = plan_shards(source, str(tmp_path / "x"), cfg)
-    object.__setattr__(plan, "bounds", [("train", i, 0, 0) for i in range(1000)])
+    plan.split_rows = {"train": 1000 * plan.shard_size}
     fake = [ShardResult(i, "train", None, 120, {"ok": 120}, {}, list(range(i * 120, i * 120 + 120)), [1] * 120)
             for i in range(1000)]
     start = time.monotonic()

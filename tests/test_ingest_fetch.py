@@ -38,6 +38,7 @@ def server(http_server):
 def opts(**kw):
     kw.setdefault("policy", LOOPBACK)
     kw.setdefault("timeout_s", 2.0)
+    kw.setdefault("retries", 0)
     return FetchOptions(**kw)
 
 
@@ -93,9 +94,11 @@ def test_connection_errors_and_bad_urls(server, tmp_path):
     assert fetch("http:///nohost.jpg", opts()).reason == "bad_url"
     assert fetch("http://no-such-host.invalid/x.jpg", opts()).reason == "dns_error"
     (tmp_path / "a.bin").write_bytes(b"1234")
-    assert fetch(f"file://{tmp_path}/a.bin", opts()).data == b"1234"
-    assert fetch(f"file://{tmp_path}/a.bin", opts(max_bytes=3)).reason == "too_large"
-    assert fetch(f"file://{tmp_path}/none.bin", opts()).reason == "not_found"
+    assert fetch(f"file://{tmp_path}/a.bin", opts()).reason == "refused_scheme"  # unless opened
+    files = ("http", "https", "file")
+    assert fetch(f"file://{tmp_path}/a.bin", opts(allow_schemes=files)).data == b"1234"
+    assert fetch(f"file://{tmp_path}/a.bin", opts(allow_schemes=files, max_bytes=3)).reason == "too_large"
+    assert fetch(f"file://{tmp_path}/none.bin", opts(allow_schemes=files)).reason == "not_found"
 
 
 def test_policy_ranges():

@@ -80,6 +80,63 @@ def test_cluster_launcher_and_submit_script(rendered):
     assert "--set checkpoint.url=s3://bucket/mc/runs/r50-web" in submit
 
 
+def _walk(node):
+    """Every mapping in a parsed YAML document."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_rendered_clusters_use_token_auth_and_no_open_dashboard(rendered):
+    config_map, job = list(yaml.safe_load_all((rendered / "rayjob.yaml").read_text()))
+    cluster_spec = job["spec"]["rayClusterSpec"]
+    assert cluster_spec["authOptions"] == {"mode": "token"}  # KubeRay: Secret + env on every pod and the submitter
+    major, minor = (int(x) for x in cluster_spec["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52)  # KubeRay refuses token auth for older Ray
+    head = cluster_spec["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$(MY_POD_IP)"
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert {"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in head_container["env"]
+    for doc in (config_map, job):
+        for mapping in _walk(doc):
+            assert mapping.get("name") not in ("RAY_AUTH_TOKEN",) or "value" not in mapping  # never inlined
+            assert "0.0.0.0" not in [str(v) for v in mapping.values()]
+        for mapping in _walk(doc.get("metadata", {})):
+            assert all(len(v) <= 63 for k, v in mapping.items() if k == "name")
+
+    launcher = yaml.safe_load((rendered / "cluster.yaml").read_text())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        assert command.startswith("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/megaclass/ray_auth_token ray start")
+    head_start = next(c for c in starts if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in (rendered / "cluster.yaml").read_text()
+    assert launcher["file_mounts"] == {"/tmp/megaclass/ray_auth_token": "~/.ray/auth_token"}
+    assert "-e RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    submit = (rendered / "submit.sh").read_text()
+    assert submit.index("ray get-auth-token --generate") < submit.index("ray up -y")
+
+
+@pytest.mark.parametrize("name", ["R50", "r50_web", "r50-", "-r50", "9lives", "a" * 47, "r50\n"])
+def test_render_refuses_names_that_are_not_rfc1123_labels(tmp_path, capsys, name):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(CONFIG)
+    code = main(["cluster", "render", "--config", str(config), f"--name={name}", "--nodes", "1", "--image", "img",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "--name" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_render_refuses_a_bad_namespace(tmp_path, capsys):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(CONFIG)
+    assert main(["cluster", "render", "--config", str(config), "--name", "ok", "--nodes", "1", "--image", "img",
+                 "--namespace", "Prod_NS", "--out", str(tmp_path / "o")]) == 2
+    assert "--namespace" in capsys.readouterr().err
+
+
 def test_render_rejects_bad_name_and_warns_on_local_paths(tmp_path, capsys, caplog):
     config = tmp_path / "pretrain.yaml"
     config.write_text("data:\n  url: /home/me/data\ncheckpoint:\n  url: runs/x\n")

@@ -8,6 +8,7 @@ import io
 import random
 import tarfile
 
+import fsspec
 import pytest
 import torch
 from PIL import Image
@@ -117,8 +118,10 @@ def test_memory_dataset(dataset):
     root = make_dataset("memory://reader-test/ds", [5, 4, 6], num_classes=3, image_size=24)
     loader, batches = _load(root, num_workers=2, batch_size_per_rank=3)
     assert len(batches) == len(loader) == 5
-    assert dataset_info(root)["splits"]["train"] == {"num_shards": 3, "num_samples": 15,
-                                                      "bytes": dataset_info(root)["splits"]["train"]["bytes"]}
+    fs = fsspec.filesystem("memory")
+    shard_bytes = sum(fs.size(path) for path in fs.glob("/reader-test/ds/shards/train-*.tar"))
+    assert shard_bytes > 0
+    assert dataset_info(root)["splits"]["train"] == {"num_shards": 3, "num_samples": 15, "bytes": shard_bytes}
     assert num_classes(root) == 3
 
 
@@ -180,3 +183,20 @@ def test_iterating_again_replays_the_epoch(dataset):
     assert first == second and len(first) == len(loader) == 6
     loader.set_epoch(1)
     assert [b.keys for b in loader] != first and loader.position == len(loader)
+
+
+@pytest.mark.parametrize("num_workers, batch, skip", [(2, 5, 3), (3, 4, 0), (0, 4, 2)])
+def test_epochs_back_to_back_match_one_loader_per_epoch(dataset, num_workers, batch, skip):
+    """num_epochs > 1 keeps one set of workers for all epochs and yields exactly what one loader per
+    epoch would (same keys, same augmented pixels), also when resuming mid-epoch."""
+    per_epoch = []
+    for epoch in range(1, 4):
+        _, batches = _load(dataset, num_workers=num_workers, epoch=epoch, skip=skip if epoch == 1 else 0,
+                           batch_size_per_rank=batch)
+        per_epoch.extend(batches)
+    loader, joined = _load(dataset, num_workers=num_workers, epoch=1, skip=skip, batch_size_per_rank=batch,
+                           num_epochs=3)
+    assert len(loader) == 3 * (36 // batch) and len(joined) == len(loader) - skip
+    assert [b.keys for b in joined] == [b.keys for b in per_epoch]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(joined, per_epoch))
+

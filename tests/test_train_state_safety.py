@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from cluster.cli import main
-from finetune.rundir import read_state, state_writer
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import CheckpointError, load_state, save_checkpoint, save_state
 from pretrain.train_state import read_progress
 from tests.dataset_factory import make_dataset
@@ -68,7 +68,7 @@ def test_read_progress_and_read_state_refuse(tmp_path, attack):
     with pytest.raises(CheckpointError, match=r"train_state/\.metadata"):
         read_progress(str(tmp_path / "ckpt" / "train_state"))
     with pytest.raises(CheckpointError, match=r"train_state/\.metadata"):
-        read_state(str(tmp_path / "ckpt"))
+        read_state(str(tmp_path / "ckpt"), ("step",))
     assert not marker.exists()
 
 
@@ -90,7 +90,7 @@ def test_finetune_state_round_trip_is_exact(tmp_path):
     expected = optimizer.state_dict()
     state_writer(counters, expected)(str(tmp_path / "ckpt" / "train_state"))
     assert not list((tmp_path / "ckpt" / "train_state").glob("*.pt"))
-    state = read_state(str(tmp_path / "ckpt"))
+    state = read_state(str(tmp_path / "ckpt"), tuple(counters))
     assert {k: state[k] for k in counters} == counters
     restored = create_optimizer_v2(torch.nn.Linear(3, 2), opt="adamw", lr=0.1)
     restored.load_state_dict(state["optimizer"])
@@ -145,3 +145,12 @@ def test_megaclass_finetune_resume_refuses(tmp_path, capsys, no_ray, attack, ray
     assert code == 1 and len(err) == 1
     assert f"{run}/step-00000002/train_state/.metadata" in err[0]
     assert not marker.exists()
+
+
+def test_finetune_state_json_with_wrong_types_is_refused(tmp_path):
+    state_writer({"step": 3}, torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1).state_dict())(
+        str(tmp_path / "ckpt" / "train_state"))
+    path = tmp_path / "ckpt" / "train_state" / "state.json"
+    path.write_text(path.read_text().replace('"step": 3', '"step": "3; rm -rf /"'))
+    with pytest.raises(CheckpointError, match=r"train_state/state\.json: not a fine-tuning train state"):
+        read_state(str(tmp_path / "ckpt"), ("step",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from data_pipeline.config import from_dict, merge, parse_overrides, read_yaml, to_dict
+from data_pipeline.config import from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
 
@@ -42,28 +42,19 @@ def reject_detection_data(url: str, what: str) -> None:
 
 
 def build_detection_config(args: argparse.Namespace):
+    from cluster.commands import config_from_args
+    from cluster.commands.finetune import FLAGS
     from finetune.detection.config import DetectionConfig
 
-    flags: dict = {}
-    for value, section, key in ((args.checkpoint, "finetune", "checkpoint_url"), (args.train, "data", "url"),
-                                (args.val, "data", "val_url"), (args.out, "checkpoint", "url"),
-                                (args.mode, "finetune", "mode")):
-        if value is not None:
-            flags.setdefault(section, {})[key] = value
-    if args.scratch:
-        flags.setdefault("finetune", {})["scratch"] = True
-    data = read_yaml(args.config) if args.config else {}
-    return from_dict(DetectionConfig, merge(merge(data, flags), parse_overrides(args.set)))
+    return config_from_args(DetectionConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
 
 
 def run_finetune(args: argparse.Namespace, resolve_model_uri) -> int:
     from finetune.detection.train import check_detection_inputs, finetune_detection
 
     cfg = build_detection_config(args)
-    if args.no_ray:
-        cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry, args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url}}
     cfg = from_dict(type(cfg), merge(to_dict(cfg), resolved))
     # Ingest COCO JSON here, once: workers receive dataset URLs; bad input fails in one line, before Ray.

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from cluster.commands.finetune import resolve_model_uri, run_reporting_errors
+from cluster.commands.registry import add_trust_argument
 
 NAME = "evaluate"
 HELP = "evaluate a model on labelled data (top-1, top-5, per-class, confusion matrix)"
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     parser.add_argument("--registry", help="registry root for registry:// URIs")
+    add_trust_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from cluster.commands.detection import checkpoint_task, reject_detection_data, run_evaluate
         from finetune.evaluate import evaluate, format_report
 
-        model_url = resolve_model_uri(args.model, args.registry)
+        model_url = resolve_model_uri(args.model, args.registry, args.trust)
         if checkpoint_task(model_url) == "detection":
             return run_evaluate(args, model_url)
         reject_detection_data(args.data, f"{model_url} is a classification checkpoint; data")

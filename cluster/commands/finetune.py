@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from data_pipeline.config import ConfigError, describe, from_dict, merge, parse_overrides, read_yaml, to_dict
+from cluster.commands import add_config_arguments, config_from_args, print_options
+from data_pipeline.config import ConfigError, from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
 NAME = "finetune"
@@ -28,10 +29,11 @@ log = logging.getLogger(__name__)
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (a checkpoint, dataset, registry URI or export) rather than a bug."""
     from cluster.registry import RegistryError
+    from cluster.signing import SignatureError
     from finetune.export import ExportError
     from pretrain.checkpoint import CheckpointError
 
-    return CheckpointError, DatasetError, RegistryError, ExportError
+    return CheckpointError, DatasetError, RegistryError, SignatureError, ExportError
 
 
 def run_reporting_errors(command: str, body) -> int:
@@ -45,10 +47,17 @@ def run_reporting_errors(command: str, body) -> int:
         return 1
 
 
-def resolve_model_uri(uri: str, registry: str | None) -> str:
+def resolve_model_uri(uri: str, registry: str | None, trust: list[str] = ()) -> str:
+    """A registry URI -> verified local folder; with `trust` (public key files) also signed by one of them."""
     from cluster.registry import resolve_checkpoint_uri
+    from cluster.signing import load_public_key
 
-    return resolve_checkpoint_uri(uri, registry)
+    return resolve_checkpoint_uri(uri, registry, trust=[load_public_key(path) for path in trust])
+
+
+# flag -> config key; each flag sets exactly one field.
+FLAGS = {"checkpoint": "finetune.checkpoint_url", "train": "data.url", "val": "data.val_url", "out": "checkpoint.url",
+         "mode": "finetune.mode", "scratch": "finetune.scratch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,35 +69,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", help="validation data (same forms); default: the 'val' split of --train")
     parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, best/, final/")
     parser.add_argument("--mode", choices=("full", "linear", "lp-ft"), help="finetune.mode")
-    parser.add_argument("--scratch", action="store_true",
-                        help="detection: the same detector from random weights (finetune.scratch), a baseline")
-    parser.add_argument("--config", help="YAML file with FinetuneConfig sections")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
+    parser.add_argument("--scratch", action="store_true", default=None,
+                        help="random init of the same model, same everything else (finetune.scratch): a baseline")
     parser.add_argument("--registry", help="registry root for registry:// URIs (default $MEGACLASS_REGISTRY)")
+    parser.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                        help="PEM Ed25519 public key (repeatable): the checkpoint must be a registry version "
+                             "signed by one of them")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray for the command)")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (single rank, or torchrun)")
-    parser.add_argument("--list-options", action="store_true", help="print every option with its doc and exit")
+    add_config_arguments(parser, "YAML file with FinetuneConfig sections (docs/finetune.md)")
 
 
 def build_config(args: argparse.Namespace):
     from finetune.config import FinetuneConfig
 
-    flags: dict = {}
-    for value, section, key in ((args.checkpoint, "finetune", "checkpoint_url"), (args.train, "data", "url"),
-                                (args.val, "data", "val_url"), (args.out, "checkpoint", "url"),
-                                (args.mode, "finetune", "mode")):
-        if value is not None:
-            flags.setdefault(section, {})[key] = value
-    data = read_yaml(args.config) if args.config else {}
-    return from_dict(FinetuneConfig, merge(merge(data, flags), parse_overrides(args.set)))
+    return config_from_args(FinetuneConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
 
 
 def run(args: argparse.Namespace) -> int:
     if args.list_options:
         from finetune.config import FinetuneConfig
         from finetune.detection.config import DetectionConfig
-        print("\n".join(describe(DetectionConfig if args.task == "detection" else FinetuneConfig)))
-        return 0
+        return print_options(DetectionConfig if args.task == "detection" else FinetuneConfig)
     if args.task == "detection":
         from cluster.commands.detection import run_finetune
         return run_reporting_errors(NAME, lambda: run_finetune(args, resolve_model_uri))
@@ -101,16 +103,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from cluster.commands.detection import reject_detection_data
 
-    if args.scratch:
-        raise ConfigError("--scratch: only with --task detection")
     cfg = build_config(args)
     reject_detection_data(cfg.data.url, "--train")
     reject_detection_data(cfg.data.val_url, "--val")
-    if args.no_ray:
-        cfg = from_dict(type(cfg), merge(to_dict(cfg), {"scaling": {"num_workers": 1}}))
     cfg.check_runnable()
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry,
+                                                                 args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url},
                 "data": {"url": resolve_dataset(cfg.data.url, cfg.data.cache_url)}}
     if cfg.data.val_url:
@@ -119,7 +118,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.no_ray:
         summary = finetune(cfg)
     else:
-        check_inputs(cfg)  # bad input fails here in one line, not as a Ray worker traceback
+        # bad input fails here in one line, not as a Ray worker traceback; a batch larger than the data
+        # becomes the data here, with one notice, so that every worker gets the same fitted config
+        cfg, _ = check_inputs(cfg)
         from cluster.runtime import ray_session, run_torch_trainer
 
         with ray_session(args.ray_address):

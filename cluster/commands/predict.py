@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from data_pipeline.config import ConfigError
+from data_pipeline.config import ConfigError, finite_float
 
 from cluster.commands.finetune import resolve_model_uri, run_reporting_errors
+from cluster.commands.registry import add_trust_argument
 
 NAME = "predict"
 HELP = "top-k labels with probabilities for image files"
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     parser.add_argument("--out", help="detector: write each image with its boxes drawn here (PNG)")
-    parser.add_argument("--min-score", type=float, default=0.3, help="detector: report boxes scoring at least this")
+    parser.add_argument("--min-score", type=finite_float, default=0.3, help="detector: report boxes scoring at least this")
     parser.add_argument("--registry", help="registry root for registry:// URIs")
+    add_trust_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from cluster.commands.detection import checkpoint_task, run_predict
         from finetune.predict import format_predictions, predict
 
-        model_url = resolve_model_uri(args.model, args.registry)
+        model_url = resolve_model_uri(args.model, args.registry, args.trust)
         if checkpoint_task(model_url) == "detection":
             return run_predict(args, model_url)
         if args.out:

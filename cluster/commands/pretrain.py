@@ -1,4 +1,6 @@
-"""`megaclass pretrain --config FILE [--set k=v] [--ray-address ADDR] [--no-ray]`: dataset -> run dir.
+"""`megaclass pretrain [--data DATASET] [--out RUN] --config FILE [--set k=v] [--ray-address ADDR] [--no-ray]`.
+
+A dataset -> a run dir. Options: defaults < --config FILE.yaml < --data/--out < --set section.field=value.
 
 Runs pretrain.train on `scaling.num_workers` Ray Train workers: a local Ray without --ray-address,
 the cluster at ADDR with it. --no-ray runs the same training function in this process (one worker,
@@ -12,9 +14,10 @@ import argparse
 import logging
 import sys
 
+from cluster.commands import add_config_arguments, config_from_args, print_options
 from data_pipeline.config import to_dict
 from pretrain.checkpoint import CheckpointError
-from pretrain.config import load_pretrain_config
+from pretrain.config import PretrainConfig
 from pretrain.run import check_data, check_resume
 
 NAME = "pretrain"
@@ -22,17 +25,23 @@ HELP = "pretrain a backbone with a sharded 100k-class head on a dataset (Ray Tra
 log = logging.getLogger(__name__)
 
 
+# flag -> config key; each flag sets exactly one field.
+FLAGS = {"data": "data.url", "out": "checkpoint.url"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/pretrain_*.yaml and docs/pretrain.md)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. train.max_steps=100 (repeatable)")
+    parser.add_argument("--data", help="dataset URL written by megaclass ingest (data.url)")
+    parser.add_argument("--out", help="run dir (checkpoint.url): config.yaml, metrics.jsonl, step-N/, final/")
+    add_config_arguments(parser, "YAML config (see configs/pretrain_*.yaml and docs/pretrain.md)")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local Ray")
     parser.add_argument("--no-ray", action="store_true", help="train in this process (one worker), without Ray")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.set) + (["scaling.num_workers=1"] if args.no_ray else [])
-    cfg = load_pretrain_config(args.config, overrides)  # ConfigError -> exit 2, before Ray starts
+    if args.list_options:
+        return print_options(PretrainConfig)
+    # ConfigError -> exit 2, before Ray starts
+    cfg = config_from_args(PretrainConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
     check_data(cfg)  # an unreadable dataset or unknown split too
     try:
         check_resume(cfg)  # a damaged or hostile run checkpoint to resume from

@@ -9,7 +9,13 @@
     megaclass registry export registry://resnet-web@production --hf hub/resnet-web [--push you/resnet-web]
     megaclass registry gc --older-than 24h [--dry-run]   (what dead publishers left behind)
 
-The root is `--registry URL`, else $MEGACLASS_REGISTRY, else ~/.local/share/megaclass/registry.
+    megaclass registry keygen ~/.megaclass/publisher.pem        (writes publisher.pem and publisher.pem.pub)
+    megaclass registry publish runs/r1/final --name resnet-web --sign ~/.megaclass/publisher.pem
+    megaclass registry resolve registry://resnet-web@production --trust publisher.pem.pub
+
+Without --trust, resolve/verify check integrity (every file matches the sha256 in version.json);
+with --trust they also require version.json to be signed by one of the trusted Ed25519 keys
+(see docs/registry.md for what each mode guarantees). The root is `--registry URL`, else $MEGACLASS_REGISTRY, else ~/.local/share/megaclass/registry.
 Registry errors (bad name, missing version, failed checksum) print one line naming the field or
 file and exit 1; a lost alias compare-and-swap exits 3; `verify` exits 1 when a version fails.
 """
@@ -21,9 +27,15 @@ import json
 import sys
 
 from cluster.registry import AliasConflict, Registry, RegistryError, parse_ref
+from cluster.signing import SignatureError, generate_key_pair, load_private_key, load_public_key
 
 NAME = "registry"
 HELP = "publish checkpoints to the model registry; list, show, alias, resolve, verify versions"
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                        help="PEM Ed25519 public key (repeatable): refuse registry versions not signed by one of them")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (contract 2), any fsspec URL")
     p.add_argument("--name", required=True, help="model name")
     p.add_argument("--alias", default=None, help="also point this alias at the new version")
+    p.add_argument("--sign", default=None, metavar="KEY", help="PEM Ed25519 private key that signs version.json")
 
     actions.add_parser("list", parents=[common], help="models, versions and aliases")
 
@@ -53,9 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = actions.add_parser("resolve", parents=[common], help="print a verified local folder for a URI")
     p.add_argument("uri", metavar="URI", help="registry://NAME@ALIAS or registry://NAME/VERSION")
+    add_trust_argument(p)
 
-    p = actions.add_parser("verify", parents=[common], help="recompute every sha256")
+    p = actions.add_parser("verify", parents=[common], help="recompute every sha256 (and check signatures)")
     p.add_argument("ref", metavar="NAME[/VERSION|@ALIAS]")
+    add_trust_argument(p)
+
+    p = actions.add_parser("keygen", help="write a new Ed25519 key pair for --sign / --trust")
+    p.add_argument("path", metavar="KEY", help="private key file to create (mode 0600); the public key is KEY.pub")
 
     p = actions.add_parser("export", parents=[common],
                            help="write a version as a Hugging Face Hub model folder (timm loads it), optionally push it")
@@ -97,9 +115,14 @@ def _show_text(info: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    reg = Registry(args.registry)
+    if args.action == "keygen":
+        private, public = generate_key_pair(args.path)
+        print(f"private key {private} (keep it secret)\npublic key  {public} (give it to readers: --trust)")
+        return 0
+    reg = Registry(args.registry, trust=[load_public_key(path) for path in getattr(args, "trust", [])])
     if args.action == "publish":
-        version = reg.publish(args.checkpoint, args.name, alias=args.alias)
+        key = load_private_key(args.sign) if args.sign else None
+        version = reg.publish(args.checkpoint, args.name, alias=args.alias, sign_key=key)
         _print(args, {"name": args.name, "version": version, "uri": f"registry://{args.name}/{version}"},
                f"published registry://{args.name}/{version}" + (f" (alias {args.alias})" if args.alias else ""))
     elif args.action == "list":
@@ -171,6 +194,6 @@ def run(args: argparse.Namespace) -> int:
     except AliasConflict as exc:
         print(f"megaclass registry: conflict: {exc}", file=sys.stderr)
         return 3
-    except RegistryError as exc:
+    except (RegistryError, SignatureError) as exc:
         print(f"megaclass registry: error: {exc}", file=sys.stderr)
         return 1

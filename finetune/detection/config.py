@@ -3,8 +3,8 @@
 The sections are fine-tuning's own (data, optim, train, checkpoint, scaling, log) with the same
 field names and meaning; `model` says which detector, and `finetune` which checkpoint and how
 (full, or linear = frozen backbone body, or scratch = the same detector from random weights).
-Fields of the shared sections that only classification uses (optim.layer_decay, data.crop_scale_min)
-are ignored here.
+Fields of the shared sections that only classification uses (optim.layer_decay, the data.*
+augmentation fields) are ignored here.
 
     cfg = load_config(DetectionConfig, "det.yaml", ["model.detector=fcos", "train.max_steps=500"])
 """
@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.config import doc, require
-from finetune.config import CheckpointSection, DataSection, LogSection, OptimSection, ScalingSection, TrainSection
+from finetune.config import (FinetuneCheckpointSection, FinetuneDataSection, FinetuneLogSection, FinetuneOptimSection,
+                             FinetuneTrainSection, ScalingSection)
 from finetune.detection.model import DETECTORS
 
 DETECTION_MODES = ("full", "linear")
+
+
+@dataclass(frozen=True)
+class DetectionOptimSection(FinetuneOptimSection):
+    warmup_steps: int = doc("linear warmup length, optimizer steps", 20, ge=0)
 
 
 @dataclass(frozen=True)
@@ -64,13 +70,13 @@ class DetectionSourceSection:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    data: DataSection = field(default_factory=DataSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     model: DetectionModelSection = field(default_factory=DetectionModelSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    optim: DetectionOptimSection = field(default_factory=DetectionOptimSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
-    log: LogSection = field(default_factory=LogSection)
+    log: FinetuneLogSection = field(default_factory=FinetuneLogSection)
     finetune: DetectionSourceSection = field(default_factory=DetectionSourceSection)
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from finetune.detection.data import DetectionData, prepare_detection_data
 from finetune.detection.evaluate import coco_metrics, run_detection
 from finetune.detection.model import (DetectorSpec, create_detector, set_body_frozen, set_train_mode, to_targets)
 from finetune.evaluate import preprocessing
-from finetune.rundir import RunDir, read_state, state_writer
+from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pretrain.rundir import EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 HFLIP = 0.5
@@ -60,6 +62,9 @@ class _Run:
     total_steps: int
 
 
+STATE_COUNTERS = ("step", "best_map", "best_step", "bad_evals")  # train_state/state.json
+
+
 def check_source(cfg: DetectionConfig, source: LoadedCheckpoint) -> None:
     if source.task != "classification":
         raise CheckpointError(f"{source.url}: a {source.task} checkpoint; detection fine-tuning starts from a "
@@ -72,6 +77,10 @@ def check_detection_inputs(cfg: DetectionConfig) -> DetectionData:
     """What a launcher checks before starting workers: checkpoint, arch, data (ingesting COCO JSON once)."""
     cfg.check_runnable()
     check_source(cfg, load_checkpoint(cfg.finetune.checkpoint_url))
+    latest = latest_checkpoint(cfg.checkpoint.url)
+    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
+        load_checkpoint(latest)
+        read_state(latest, STATE_COUNTERS)
     return prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
                                   cache_url=cfg.data.cache_url)
 
@@ -132,11 +141,11 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
     if steps_per_epoch < 1:
         raise DatasetError(f"{cfg.data.url}: {data.num_train_samples} training images are fewer than one global "
                            f"batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, tensorboard=cfg.log.tensorboard)
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    progress, optimizer_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
+    run = create_run_dir(cfg, is_main=ranks.is_main, start_step=progress.step)
     run.write_config(cfg)
     ctx = _Run(cfg, ranks, source, data, spec, run, report, steps_per_epoch, total)
-    progress, optimizer_state = _resume(run, model)
     frozen = cfg.finetune.mode == "linear"
     set_body_frozen(model, frozen)
     wrapped = model
@@ -154,10 +163,9 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
     if ranks.is_main:
         best = load_checkpoint(run.best_url)
         _save(ctx, run.final_url, best.state_dict, progress, extra={"selected_step": progress.best_step})
-        run.log({"step": progress.step, "event": "final", "best_val_map": progress.best_map,
-                 "best_step": progress.best_step})
+        run.log(progress.step, {EVENT: "final", "best_eval_map": progress.best_map, "best_step": progress.best_step})
     barrier(ranks)
-    run.close()
+    run.finish()
     return summary
 
 
@@ -181,10 +189,9 @@ def _train(ctx: _Run, model, wrapped, optimizer, schedule, progress: Progress, f
             images_seen += len(batch.keys) * ranks.world_size
             schedule.step_update(progress.step)
             if progress.step % cfg.log.every_steps == 0:
-                run_record = {"step": progress.step, "train_loss": losses["loss"],
-                              "lr": max(g["lr"] for g in optimizer.param_groups),
-                              "images_per_s": images_seen / (time.perf_counter() - t0)}
-                ctx.run.log(run_record | {f"loss_{k}": v for k, v in losses.items() if k != "loss"})
+                record = {LOSS: losses["loss"], LR: max(g["lr"] for g in optimizer.param_groups),
+                          IMAGES_PER_S: images_seen / (time.perf_counter() - t0)}
+                ctx.run.log(progress.step, record | {f"loss_{k}": v for k, v in losses.items() if k != "loss"})
             every = cfg.train.eval_every_steps
             end_of_epoch = progress.step % ctx.steps_per_epoch == 0
             if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == ctx.total_steps:
@@ -217,22 +224,21 @@ def _validate(ctx: _Run, model: nn.Module, progress: Progress) -> bool:
             _save(ctx, ctx.run.best_url, model.state_dict(), progress)
     else:
         progress.bad_evals += 1
-    record = {"step": progress.step, "val_map": val_map, "val_map_50": map_50, "val_map_75": map_75,
-              "best_val_map": progress.best_map}
-    ctx.run.log(record)
+    record = {"eval_map": val_map, "eval_map_50": map_50, "eval_map_75": map_75, "best_eval_map": progress.best_map}
+    ctx.run.log(progress.step, record)
     log.info("step %d: val mAP %.4f mAP@.5 %.4f (best %.4f at step %d)", progress.step, val_map, map_50,
              progress.best_map, progress.best_step)
     if ctx.report is not None:
-        ctx.report(record)
+        ctx.report({"step": progress.step, **record})
     barrier(ranks)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
 
-def _resume(run: RunDir, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run.url)
+def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
+    latest = latest_checkpoint(run_url)
     if latest is None:
         return Progress(), None
-    state = read_state(latest)
+    state = read_state(latest, STATE_COUNTERS)
     model.load_state_dict(load_checkpoint(latest).state_dict)
     log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_map"]), int(state["best_step"]), int(state["bad_evals"]))
@@ -247,7 +253,7 @@ def _save(ctx: _Run, url: str, state_dict: dict, progress: Progress, *, extra: d
     ft = ctx.cfg.finetune
     block = {"kind": "finetune", "task": "detection", "detector": ctx.spec.as_dict(), "step": progress.step,
              "epoch": progress.step // ctx.steps_per_epoch, "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url),
-             "config": to_dict(ctx.cfg), "metrics": {"val_map": progress.best_map, "best_step": progress.best_step},
+             "config": to_dict(ctx.cfg), "metrics": {"eval_map": progress.best_map, "best_step": progress.best_step},
              "finetuned_from": {"url": ft.checkpoint_url, "uri": ft.source_uri or ft.checkpoint_url,
                                 "arch": ctx.source.arch, "step": ctx.source.megaclass.get("step"),
                                 "scratch": ft.scratch}}
@@ -260,9 +266,10 @@ def _save(ctx: _Run, url: str, state_dict: dict, progress: Progress, *, extra: d
 
 def _save_step(ctx: _Run, model: nn.Module, optimizer, progress: Progress) -> None:
     if ctx.ranks.is_main:
-        state = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
-                 "bad_evals": progress.bad_evals, "optimizer": optimizer.state_dict()}
-        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress, write_train_state=state_writer(state))
+        counters = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
+                    "bad_evals": progress.bad_evals}
+        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress,
+              write_train_state=state_writer(counters, optimizer.state_dict()))
         ctx.run.prune(ctx.cfg.checkpoint.keep)
     barrier(ctx.ranks)
 

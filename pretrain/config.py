@@ -194,10 +194,11 @@ class PretrainConfig:
         require(self.train.global_batch_size % ranks_x_accum == 0, "train.global_batch_size",
                 f"{self.train.global_batch_size} is not divisible by scaling.num_workers * "
                 f"train.grad_accum_steps = {self.scaling.num_workers} * {self.train.grad_accum_steps}")
+        micro = self.train.global_batch_size // ranks_x_accum  # per rank and forward pass, kept on fewer workers
         for world_size in range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers):
-            require(self.train.global_batch_size % (world_size * self.batch_size_per_rank) == 0, "scaling.min_workers",
+            require(self.train.global_batch_size % (world_size * micro) == 0, "scaling.min_workers",
                     f"on {world_size} workers, train.global_batch_size {self.train.global_batch_size} is not a whole "
-                    f"number of micro-batches of {self.batch_size_per_rank} per worker")
+                    f"number of micro-batches of {micro} per worker")
 
 
 def fit_to_world_size(cfg: "PretrainConfig", world_size: int) -> "PretrainConfig":
@@ -205,7 +206,8 @@ def fit_to_world_size(cfg: "PretrainConfig", world_size: int) -> "PretrainConfig
     micro-batch per rank and the same global batch, so more accumulation steps per optimizer step."""
     if not cfg.scaling.min_workers or world_size >= cfg.scaling.num_workers:
         return cfg
-    accum = cfg.train.global_batch_size // (world_size * cfg.batch_size_per_rank)
+    micro = cfg.train.global_batch_size // (cfg.scaling.num_workers * cfg.train.grad_accum_steps)
+    accum = cfg.train.global_batch_size // (world_size * micro)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum),
                                scaling=dataclasses.replace(cfg.scaling, num_workers=world_size))
 

@@ -30,7 +30,7 @@ from pretrain.dist import DistInfo, all_gather, all_reduce_max, init_distributed
 from pretrain.head import clip_grad_norm_, sharded_topk_correct
 from pretrain.metrics import StepTimer, memory_stats
 from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
-from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, plot_curves
+from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
-    run_dir = RunDir(cfg.checkpoint.url, is_main=dist.is_main, start_step=run.progress.step,
-                     tensorboard=cfg.log.tensorboard)
+    run_dir = create_run_dir(cfg, is_main=dist.is_main, start_step=run.progress.step)
     if run.resumed_from:  # the record that tells a restart apart from a fresh run (simulate --chaos reads it)
         run_dir.log(run.progress.step, {EVENT: "resume", "checkpoint": run.resumed_from})
     timer, window, last = StepTimer(), [], {}
@@ -70,9 +69,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                     return {**last, "step": step, "preempted": True}
                 if step == run.total_steps:
                     break
-    run_dir.close()
-    if dist.is_main:
-        plot_curves(cfg.checkpoint.url)
+    run_dir.finish()
     return {**last, "step": run.progress.step, "preempted": False}
 
 

@@ -114,10 +114,10 @@ def main() -> None:
               f"above the {r['rss_base_mb']} MB after imports); skipped {r['skipped']}", flush=True)
     if len(results) > 1:
         a, b = results[0], results[-1]
-        per_m_s = (b["plan_s"] - a["plan_s"]) / ((b["rows"] - a["rows"]) / 1e6)
+        per_m_s = (b["plan_cpu_s"] - a["plan_cpu_s"]) / ((b["rows"] - a["rows"]) / 1e6)
         per_m_mb = (b["rss_peak_mb"] - a["rss_peak_mb"]) / ((b["rows"] - a["rows"]) / 1e6)
-        print(f"growth: {per_m_s:.2f} s and {per_m_mb:.0f} MB per million rows; extrapolated to 65M rows: "
-              f"plan {b['plan_s'] + per_m_s * (65 - b['rows'] / 1e6):.0f} s, "
+        print(f"growth: {per_m_s:.2f} CPU-s and {per_m_mb:.0f} MB per million rows; extrapolated to 65M rows: "
+              f"plan {b['plan_cpu_s'] + per_m_s * (65 - b['rows'] / 1e6):.0f} CPU-s, "
               f"peak RSS {b['rss_peak_mb'] + per_m_mb * (65 - b['rows'] / 1e6):.0f} MB")
 
 

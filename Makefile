@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-# Allocator settings that keep JPEG decode and training from paying page faults (PERFORMANCE.md).
+# Allocator settings that keep JPEG decode and training from paying page faults (data_pipeline.ALLOCATOR_ENV).
 export PILLOW_BLOCKS_MAX := 64
 export MALLOC_MMAP_THRESHOLD_ := 67108864
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
@@ -20,15 +20,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed
 
+# pip's output goes to .venv/install.log and is shown only when the install fails.
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
-	touch $@
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing megaclass into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PIP) --upgrade pip && $(PIP) $(TORCH_PINS) && $(PIP) -e '.[dev]' $(TORCH_PINS); } \
+		> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $@
 
 demo: install
-	$(VENV)/bin/megaclass simulate --workdir demo
+	@$(VENV)/bin/megaclass simulate --workdir demo 2> demo.log || { tail -n 40 demo.log; exit 1; }
+	@echo "(progress and logs: demo.log)"
 
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -39,4 +43,4 @@ test: install browser
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo *.egg-info
+	rm -rf $(VENV) demo demo.log *.egg-info

@@ -7,7 +7,7 @@ Each (C, world) runs in fresh processes (gloo on CPU, one thread per rank, as if
 own core) so RSS is measured cleanly. A step is forward (all-gather features, local logits, cross-rank
 cross-entropy) + backward + fused AdamW. "state" is parameters + gradients + AdamW moments held
 by one rank; "rss" is the growth of the process's peak RSS over its RSS before the head was built.
-Target (DESIGN.md): memory per rank at world 2 about half of world 1. The batch is fixed per rank,
+Target (docs/design.md, "Scale, on paper"): memory per rank at world 2 about half of world 1. The batch is fixed per rank,
 so the global batch doubles with the world: each rank scores 2x the samples against 1/2 the
 classes (same matmul work per rank, twice the samples per second), while the optimizer step
 halves. bench/train.py part (c) calls run_head_bench().
@@ -24,8 +24,10 @@ import sys
 import tempfile
 import time
 
-# Allocator settings from PERFORMANCE.md; spawned ranks inherit them (glibc reads them at start).
-for _key, _value in (("MALLOC_MMAP_THRESHOLD_", "67108864"), ("MALLOC_TRIM_THRESHOLD_", "1073741824")):
+# The allocator settings (data_pipeline.ALLOCATOR_ENV); spawned ranks inherit them (glibc reads them at start).
+from data_pipeline import ALLOCATOR_ENV  # noqa: E402  (imports nothing)
+
+for _key, _value in ALLOCATOR_ENV.items():
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402

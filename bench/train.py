@@ -27,11 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in (("PILLOW_BLOCKS_MAX", "64"), ("MALLOC_MMAP_THRESHOLD_", "67108864"),
-                     ("MALLOC_TRIM_THRESHOLD_", "1073741824")):
-    os.environ.setdefault(_key, _value)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from data_pipeline import ALLOCATOR_ENV  # noqa: E402  (imports nothing: set before torch and PIL)
+
+for _key, _value in ALLOCATOR_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 import timm  # noqa: E402
 import torch  # noqa: E402

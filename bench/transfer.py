@@ -26,8 +26,9 @@ import os
 import time
 from pathlib import Path
 
-for _name, _value in (("PILLOW_BLOCKS_MAX", "64"), ("MALLOC_MMAP_THRESHOLD_", "67108864"),
-                      ("MALLOC_TRIM_THRESHOLD_", "1073741824")):
+from data_pipeline import ALLOCATOR_ENV  # imports nothing: set before torch and PIL
+
+for _name, _value in ALLOCATOR_ENV.items():
     os.environ.setdefault(_name, _value)
 
 import timm  # noqa: E402

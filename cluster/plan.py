@@ -1,6 +1,6 @@
 """Capacity plan for a real run: shards, ingestion time, storage, head memory, steps and epoch time.
 
-Pure arithmetic on a few measured rates (defaults from PERFORMANCE.md, overridable) plus the
+Pure arithmetic on a few measured rates (defaults from BENCHMARKS.md, overridable) plus the
 backbone's feature width and parameter count, read from timm on the meta device (no weights, no
 memory). `megaclass plan` prints it; docs/capacity-plan.md walks through the seed's scale.
 
@@ -15,13 +15,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Measured figures (PERFORMANCE.md). Each is a default that `megaclass plan` lets you replace.
-INGEST_IMAGES_PER_S_PER_CORE = 268.0   # 1024x768 JPEG -> shorter side 256 -> q90, PIL draft, one core
-LOADER_IMAGES_PER_S_PER_CORE = 903.0   # train transform @224, crop-aware PIL draft, uint8 out, one core
-PER_GPU_IMAGES_PER_S = 3000.0          # ResNet-50 bf16 training on a current datacenter GPU
-IMAGE_BYTES = 110_000                  # stored JPEG at shorter side 256 (DESIGN.md, "Scale, on paper")
+# Measured figures (BENCHMARKS.md, with the commands). Each is a default that `megaclass plan` lets you replace.
+INGEST_IMAGES_PER_S_PER_CORE = 114.0   # megaclass ingest end to end, one core (Ingestion: 113.0 / 114.6)
+LOADER_IMAGES_PER_S_PER_CORE = 620.0   # the reader, one loader worker, ingested images (Pretraining (b): 592-688)
+PER_GPU_IMAGES_PER_S = 3000.0          # ResNet-50 bf16 training on a current datacenter GPU (reference figures)
+IMAGE_BYTES = 20_500                   # stored JPEG, shorter side 256, q90, from web-like sources (Reference figures)
 SHARD_BYTES = 1_000_000_000            # ~1 GB shards: few enough objects, small enough to retry
-SOURCE_IMAGE_BYTES = 220_000           # a web JPEG as downloaded (the 1024x768 q90 test image)
+SOURCE_IMAGE_BYTES = 118_000           # a web JPEG as downloaded (the ingestion benchmark's mean)
 NODE_NETWORK_BYTES_PER_S = 1.25e9      # 10 Gbit/s per ingesting node (an assumption, not a measurement)
 OPTIMIZER_BYTES_PER_PARAM = 16         # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
 FEATURE_BYTES = 2                      # bf16 features all-gathered for the sharded head
@@ -169,6 +169,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("images / classes", f"{i['images']:,} / {i['classes']:,}"),
         ("storage", f"{_bytes(plan['storage_bytes'])} at {_bytes(i['image_bytes'])}/image"),
         ("shards", f"{plan['num_shards']:,} x {_bytes(plan['shard_bytes'])} ({plan['samples_per_shard']:,} images each)"),
+        ("ingest with", f"megaclass ingest SOURCE OUT --shard-size {plan['samples_per_shard']}"),
         ("Ingestion", ""),
         ("cpu", f"{plan['ingest_cores']:,} cores at {i['ingest_images_per_s_per_core']:,.0f} img/s/core "
                 f"= {plan['ingest_cpu_images_per_s']:,.0f} img/s"),

@@ -176,7 +176,14 @@ class Registry:
         if not self.fs.exists(path):
             return {}
         with self.fs.open(path, "rb") as f:
-            return {str(k): int(v) for k, v in json.loads(f.read()).items()}
+            data = f.read()
+        try:
+            table = json.loads(data)
+            if isinstance(table, dict) and all(type(v) is int and NAME_RE.fullmatch(k) for k, v in table.items()):
+                return table
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            pass  # reported below
+        raise RegistryError(f"{self.root_url}/{name}/{ALIASES_FILE}: not a JSON object of alias -> version number")
 
     def list(self) -> list[dict[str, Any]]:
         """One summary per model name: versions, latest, aliases."""

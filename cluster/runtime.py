@@ -27,11 +27,12 @@ import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from data_pipeline import ALLOCATOR_ENV
+
 log = logging.getLogger(__name__)
 
-# Allocator settings that keep JPEG decode and training from paying page faults (PERFORMANCE.md).
-WORKER_ENV = {"PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-              "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# The environment of every Ray worker: the allocator settings (data_pipeline.ALLOCATOR_ENV).
+WORKER_ENV = dict(ALLOCATOR_ENV)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@
              alongside it the same command with `--scratch --no-ray`: the baseline from random weights
 6. evaluate: `megaclass evaluate` of both fine-tuned models on the downstream validation folder; the
              report gives both top-1 and the gain from pretraining in points
+7. with --detection: `megaclass finetune --task detection` of the same published backbone on a COCO
+   JSON set of several objects per cluttered image, then `megaclass evaluate` of the detector (COCO mAP)
 
 Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
 SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
@@ -31,10 +33,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster import synthetic
+from cluster import synthetic, synthetic_detection
 from cluster.chaos import ProcessKiller
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
+from data_pipeline import ALLOCATOR_ENV
 from data_pipeline.config import ConfigError, doc, require
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class WebSection:
     downstream_train_per_class: int = doc("downstream training images per class", 10)
     downstream_val_per_class: int = doc("downstream validation images per class", 10)
     seed: int = doc("seed of the drawn images", 0)
+    detection_classes: int = doc("object classes of the detection set (with --detection)", 4)
+    detection_train_images: int = doc("detection training images (several objects each)", 64)
+    detection_val_images: int = doc("detection validation images", 24)
 
     def validate(self) -> None:
         require(self.upstream_classes >= 2, "web.upstream_classes", "must be >= 2")
@@ -66,6 +72,9 @@ class SimulationConfig:
     pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])
     finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
     chaos: bool = doc("kill one ingestion task and one training worker mid-run", False)
+    detection: bool = doc("add the detection stages (finetune --task detection, evaluate with COCO mAP)", False)
+    detection_config: str = doc("detection finetune YAML ('' = the embedded simulate-detection.yaml)", "")
+    detection_overrides: list[str] = doc("extra --set overrides for the detection finetune", [])
     stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
 
 
@@ -114,12 +123,13 @@ class Simulation:
             "finetune-scratch": self.workdir / "runs" / "finetune-scratch",
             "evaluation": self.workdir / "evaluation",
             "evaluation-scratch": self.workdir / "evaluation-scratch",
+            "detection": self.workdir / "detection",
+            "detector": self.workdir / "runs" / "detection",
+            "detection_evaluation": self.workdir / "evaluation-detection",
         }
         self.env = dict(os.environ)
         self.env.update({
-            "MEGACLASS_REGISTRY": str(self.paths["registry"]),
-            "PILLOW_BLOCKS_MAX": "64", "MALLOC_MMAP_THRESHOLD_": "67108864",
-            "MALLOC_TRIM_THRESHOLD_": "1073741824", "RAY_USAGE_STATS_ENABLED": "0",
+            "MEGACLASS_REGISTRY": str(self.paths["registry"]), **ALLOCATOR_ENV, "RAY_USAGE_STATS_ENABLED": "0",
         })
 
     # -- stages ---------------------------------------------------------------------------------
@@ -141,6 +151,12 @@ class Simulation:
             elif payload is None:
                 payload = synthetic.jpeg_bytes(synthetic.render(upstream[0], 1, (200, 200)))[:700]
             path.write_bytes(payload)
+        if self.cfg.detection:
+            classes = synthetic_detection.detection_classes(web.detection_classes, web.seed)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "train", classes, web.detection_train_images,
+                                               seed=web.seed + 1)
+            synthetic_detection.write_coco_set(self.paths["detection"] / "val", classes, web.detection_val_images,
+                                               seed=web.seed + 2)
         self._web_rows = [(str(p.relative_to(self.paths["web"])), label) for p, label in written]
         self._broken_rows = [(rel, "broken") for rel in (*BROKEN_FILES, MISSING_URL)]
 
@@ -241,4 +257,19 @@ class Simulation:
                                         str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
         finally:
             self.wait_stage(scratch_eval)
+        if self.cfg.detection:
+            self.run_detection()
         return build_report(self, time.perf_counter() - started)
+
+    def run_detection(self) -> None:
+        detection_cfg = self.cfg.detection_config or str(CONFIG_DIR / "simulate-detection.yaml")
+        data = self.paths["detection"]
+        self.run_stage("detection", ["finetune", "--task", "detection", "--checkpoint", "registry://sim-backbone@latest",
+                                     "--train", str(data / "train" / "instances.json"),
+                                     "--val", str(data / "val" / "instances.json"), "--config", detection_cfg,
+                                     "--set", f"checkpoint.url={self.paths['detector']}",
+                                     "--set", f"data.cache_url={self.workdir / 'cache'}",
+                                     *(a for o in self.cfg.detection_overrides for a in ("--set", o))])
+        self.run_stage("evaluate-detection", ["evaluate", str(self.paths["detector"] / "final"),
+                                              str(data / "val" / "instances.json"),
+                                              "--out", str(self.paths["detection_evaluation"])])

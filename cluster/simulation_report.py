@@ -81,6 +81,11 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
            "logs": str(sim.workdir / "logs")},
         "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},
     }
+    if "evaluate-detection" in stages:
+        det = json.loads((sim.paths["detection_evaluation"] / "report.json").read_text())
+        report["detection"] = {"map": det.get("map"), "map_50": det.get("map_50"), "map_75": det.get("map_75"),
+                               "num_images": det.get("num_images"), "detector": det.get("detector"),
+                               "final_step": _training(sim.paths["detector"])["final_step"]}
     checks = {
         "rows balance (ok + failed + skipped == rows)": ingest["balanced"] and ingest["rows_in"] == stages["ingest"].details.get("rows"),
         "pretraining reached its final step": pretrain["final_step"] is not None
@@ -88,6 +93,8 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
         "downstream model evaluated": report["downstream"]["top1"] is not None,
         "scratch baseline evaluated (same budget)": report["downstream"]["scratch_top1"] is not None,
     }
+    if "detection" in report:
+        checks["detector trained and evaluated (COCO mAP reported)"] = report["detection"]["map"] is not None
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
         checks["chaos: an ingestion task was killed and retried"] = killed.get("ingest", False) and ingest["balanced"]
@@ -123,8 +130,13 @@ def format_report(report: dict) -> str:
         f"top-5 {_fmt(down['top5'], '.3f')} on {_fmt(down['num_samples'])} images",
         f"{'':<21}from scratch (--scratch, same budget): top-1 {_fmt(down['scratch_top1'], '.3f')}; "
         f"gain from the pretrained backbone {_fmt(down['gain_points'], '+.1f')} points",
-        f"{'total':<10}{secs['total']:>9.1f}",
     ]
+    if "detection" in report:
+        det = report["detection"]
+        lines.append(f"{'detection':<10}{secs.get('detection', 0) + secs.get('evaluate-detection', 0):>9.1f}  "
+                     f"{det['detector']} step {_fmt(det['final_step'])}: mAP {_fmt(det['map'], '.3f')}, "
+                     f"mAP@.5 {_fmt(det['map_50'], '.3f')} on {_fmt(det['num_images'])} images")
+    lines.append(f"{'total':<10}{secs['total']:>9.1f}")
     for name, chaos in report["chaos"].items():
         for kill in chaos["killed"]:
             lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s")

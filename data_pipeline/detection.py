@@ -187,7 +187,26 @@ def source_class_names(table: pa.Table) -> list[str] | None:
     return json.loads(meta[CATEGORIES_META_KEY]) if CATEGORIES_META_KEY in meta else None
 
 
-# ---- the shard writer side --------------------------------------------------------------------
+# ---- the planner and shard writer side (data_pipeline.ingest) ------------------------------------
+
+def plan_classes(source: pa.Table, skip: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """(class names, class ids -1) of a COCO source; its per-image skip reasons are applied to `skip`.
+
+    The declared categories are the classes, every one even without boxes; a sample has no single class.
+    """
+    preset = np.array(source.column(SKIP_COLUMN).to_pylist(), dtype=object)
+    given = np.array([p is not None for p in preset], dtype=bool)
+    skip[given] = preset[given]
+    return (pa.array(source_class_names(source), pa.string()),
+            pa.array(np.full(source.num_rows, -1, dtype=np.int32)))
+
+
+def with_objects(plan_table: pa.Table, source: pa.Table) -> pa.Table:
+    """The plan table with the per-image objects and COCO image ids carried along to the shard writer."""
+    for column in (OBJECTS_COLUMN, IMAGE_ID_COLUMN):
+        plan_table = plan_table.append_column(column, source.column(column))
+    return plan_table
+
 
 @dataclass
 class BoxCounts:
@@ -214,6 +233,31 @@ class BoxCounts:
     def from_dict(cls, d: dict) -> "BoxCounts":
         return cls(d["boxes"], d["crowd"], d["clipped"], d["degenerate"],
                    {int(k): int(v) for k, v in d.get("class_counts", {}).items()})
+
+
+def sample_fields(row: dict, image: Any, counts: "BoxCounts") -> dict:
+    """The sample-json fields of one stored image (a data_pipeline.image.ProcessedImage); adds to `counts`."""
+    fields, image_counts = scale_objects(row[OBJECTS_COLUMN], original_size=(image.original_width, image.original_height),
+                                         stored_size=(image.width, image.height), image_id=row[IMAGE_ID_COLUMN])
+    counts.add(image_counts)
+    return fields
+
+
+def class_counts(box_counts: dict) -> tuple[list[int], list[int]]:
+    """(class ids, kept non-crowd boxes) of a shard's BoxCounts.as_dict(): what classes.parquet counts."""
+    per_class = sorted((int(k), v) for k, v in box_counts["class_counts"].items())
+    return [k for k, _ in per_class], [v for _, v in per_class]
+
+
+def manifest_fields(split_counts: list[tuple[str, dict | None]], splits: list[str]) -> dict:
+    """manifest.json's `task` and `detection` (box counts per split and in all) from the shard results."""
+    def total(wanted: set[str]) -> dict:
+        merged = BoxCounts()
+        for split, counts in split_counts:
+            if split in wanted and counts:
+                merged.add(BoxCounts.from_dict(counts))
+        return {k: v for k, v in merged.as_dict().items() if k != "class_counts"}
+    return {"task": TASK, "detection": {**{s: total({s}) for s in splits}, "all": total(set(splits))}}
 
 
 def scale_objects(objects_json: str, *, original_size: tuple[int, int], stored_size: tuple[int, int],

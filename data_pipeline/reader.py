@@ -32,7 +32,7 @@ is opened to plan it):
 Determinism holds for a fixed (dataset, split, world_size, num_workers, batch_size_per_rank,
 samples_per_epoch, seed, epoch, shuffle_buffer). Loader workers live as long as one iteration of the
 loader: one epoch, or `num_epochs` epochs back to back (fine-tuning on small data, where a worker
-restart per epoch would cost more than the epoch), with the allocator settings of the docs applied
+restart per epoch would cost more than the epoch), with the allocator settings (`data_pipeline.ALLOCATOR_ENV`) applied
 (`_init_worker`). `memory://`
 datasets need the default fork start method (the store is per process).
 """
@@ -56,17 +56,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import ALLOCATOR_ENV
 from data_pipeline import dataset as ds
 from data_pipeline.transforms import create_eval_transform, decode_and_transform
 
 log = logging.getLogger(__name__)
 
-# Environment for loader workers and trainers (PERFORMANCE.md, "The allocator").
-ALLOCATOR_ENV = {
-    "PILLOW_BLOCKS_MAX": "64",
-    "MALLOC_MMAP_THRESHOLD_": "67108864",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-}
 _BAD_SAMPLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, Image.DecompressionBombError)
 
 
@@ -305,7 +300,7 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Loader worker start: allocator settings (PERFORMANCE.md) applied at runtime in the worker.
+    """Loader worker start: the allocator settings (`ALLOCATOR_ENV`) applied at runtime in the worker.
 
     The MALLOC_* variables are read by glibc at process start, so for forked workers the same
     effect is applied with mallopt; Pillow's block cache is set through its API.

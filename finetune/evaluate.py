@@ -11,6 +11,7 @@ correctly; a data class the model does not know is a DatasetError listing the na
 from __future__ import annotations
 
 import logging
+import posixpath
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -132,15 +133,18 @@ def evaluate(model_url: str, data_url: str, *, split: str = "val", out_dir: str 
     result = run_eval(model, loader, device=dev, mean=mean, std=std, targets=targets,
                       num_model_classes=len(ckpt.class_names))
     report = build_report(result, data_names, ckpt.class_names, targets)
+    # What the user named: an image folder is ingested into one 'train' split, so its own name
+    # ("val", "holdout") titles the report, not that internal split.
+    title = split if dataset_url == data_url else posixpath.basename(str(data_url).rstrip("/"))
     report.update({"model_url": model_url, "data_url": data_url, "dataset_url": dataset_url, "split": split,
-                   "image_size": size})
+                   "title": title, "image_size": size})
     if out_dir:
         small = len(data_names) <= MAX_CONFUSION_PLOT_CLASSES
         if small:
             # Columns restricted to the data's classes: a 1000-class model on 10 data classes stays legible.
             sub = result.confusion[:, targets]
             atomic_write_bytes(join(out_dir, "confusion.png"),
-                               confusion_png(sub, data_names, data_names, f"{split}: top-1 {result.top1:.3f}"))
+                               confusion_png(sub, data_names, data_names, f"{title}: top-1 {result.top1:.3f}"))
             report["confusion_png"] = join(out_dir, "confusion.png")
         atomic_write_json(join(out_dir, "report.json"), report)
     log.info("evaluate %s on %s/%s: top-1 %.4f top-5 %.4f (%d samples)", model_url, data_url, split,
@@ -166,7 +170,7 @@ def build_report(result: EvalResult, data_names: list[str], model_names: list[st
 def format_report(report: dict) -> str:
     """A short human-readable summary for the CLI."""
     lines = [f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  ({report['num_samples']} images, "
-             f"{report['num_classes']} classes, split {report['split']})"]
+             f"{report['num_classes']} classes, {report['title']})"]
     worst = sorted((v["accuracy"], name) for name, v in report["per_class"].items() if v["accuracy"] is not None)
     if worst:
         lines.append("lowest per-class accuracy: " + ", ".join(f"{n} {a:.2f}" for a, n in worst[:5]))

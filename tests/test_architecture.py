@@ -1,4 +1,4 @@
-"""The package graph of DESIGN.md, checked with `ast`: imports flow one way and Ray stays in cluster/."""
+"""The package graph of docs/design.md, checked with `ast`: imports flow one way and Ray stays in cluster/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_pipeline", "pretrain", "finetune", "cluster")
-# What each package may import of ours (DESIGN.md, "Packages and who may import whom").
+# What each package may import of ours (docs/design.md, "Packages and who may import whom").
 ALLOWED = {
     "data_pipeline": {"data_pipeline"},
     "pretrain": {"pretrain", "data_pipeline"},

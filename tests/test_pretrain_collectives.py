@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline import ALLOCATOR_ENV
 from tests.collective_matrix import CELLS
 from tests.dataset_factory import make_dataset
 
@@ -21,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def matrix(tmp_path_factory):
     root = tmp_path_factory.mktemp("collectives")
     dataset = make_dataset(root / "ds", {"train": [40, 24], "val": [8]}, num_classes=6, image_size=32)
-    env = {**os.environ, "TORCH_DISTRIBUTED_DEBUG": "DETAIL", "OMP_NUM_THREADS": "1", "PILLOW_BLOCKS_MAX": "64",
-           "MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+    env = {**os.environ, **ALLOCATOR_ENV, "TORCH_DISTRIBUTED_DEBUG": "DETAIL", "OMP_NUM_THREADS": "1"}
     # --standalone: a free local rendezvous port. A desynchronised collective raises under DETAIL; the
     # timeout only guards against a hang that it would not catch.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

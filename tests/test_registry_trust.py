@@ -136,3 +136,13 @@ def test_evaluate_predict_export_honour_trust(tmp_path, ckpt, keys, capsys):
                  ["export", "registry://m/1", "--onnx", str(tmp_path / "m.onnx")]):
         assert main(argv + trust) == 1, argv[0]
         assert "unsigned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table", ['{"production": "2; rm"}', '[1]', '{"../x": 1}', 'not json'])
+def test_malformed_aliases_file_is_a_registry_error(tmp_path, ckpt, table, capsys):
+    root = str(tmp_path / "reg")
+    Registry(root).publish(ckpt, "m")
+    Path(root, "m", "aliases.json").write_text(table)
+    capsys.readouterr()
+    assert main(["registry", "list", "--registry", root]) == 1
+    assert "aliases.json: not a JSON object" in capsys.readouterr().err

@@ -46,8 +46,7 @@ def build_detection_config(args: argparse.Namespace):
     from cluster.commands.finetune import FLAGS
     from finetune.detection.config import DetectionConfig
 
-    return config_from_args(DetectionConfig, args, FLAGS, {"finetune.scratch": True if args.scratch else None,
-                                                           "scaling.num_workers": 1 if args.no_ray else None})
+    return config_from_args(DetectionConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
 
 
 def run_finetune(args: argparse.Namespace, resolve_model_uri) -> int:
@@ -55,7 +54,7 @@ def run_finetune(args: argparse.Namespace, resolve_model_uri) -> int:
 
     cfg = build_detection_config(args)
     cfg.check_runnable()
-    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry),
+    resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry, args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url}}
     cfg = from_dict(type(cfg), merge(to_dict(cfg), resolved))
     # Ingest COCO JSON here, once: workers receive dataset URLs; bad input fails in one line, before Ray.

@@ -3,7 +3,7 @@
     megaclass plan --images 65000000 --classes 100000 --arch resnet50d --nodes 8 --gpus-per-node 8
     megaclass plan ... --per-gpu-images-per-s 2400 --json
 
-Rates default to the measured figures in PERFORMANCE.md (see cluster/plan.py); pass your own
+Rates default to the measured figures in BENCHMARKS.md (see cluster/plan.py); pass your own
 measurements to replace them. Nothing is started; this is arithmetic (docs/capacity-plan.md).
 """
 
@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-gpu-images-per-s", type=finite_float, default=d.per_gpu_images_per_s,
                         help=f"training throughput per GPU (default {d.per_gpu_images_per_s:g}: ResNet-50 bf16)")
     parser.add_argument("--ingest-images-per-s-per-core", type=finite_float, default=d.ingest_images_per_s_per_core,
-                        help=f"ingestion rate per core (default {d.ingest_images_per_s_per_core:g}: measured, "
-                             "1024x768 -> 256 px with PIL draft)")
+                        help=f"ingestion rate per core (default {d.ingest_images_per_s_per_core:g}: megaclass ingest "
+                             "measured on one core, BENCHMARKS.md)")
     parser.add_argument("--loader-images-per-s-per-core", type=finite_float, default=d.loader_images_per_s_per_core,
-                        help=f"train-transform rate per core (default {d.loader_images_per_s_per_core:g}: measured)")
+                        help=f"loader rate per worker (default {d.loader_images_per_s_per_core:g}: measured, BENCHMARKS.md)")
     parser.add_argument("--cores-per-node", type=int, default=d.cores_per_node,
                         help=f"CPU cores per node (default {d.cores_per_node})")
     parser.add_argument("--ingest-nodes", type=int, default=None, help="nodes ingesting (default: --nodes)")

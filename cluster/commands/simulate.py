@@ -1,4 +1,4 @@
-"""`megaclass simulate [--chaos]`: the whole pipeline on this machine (what `make demo` runs)."""
+"""`megaclass simulate [--chaos] [--detection]`: the whole pipeline on this machine (what `make demo` runs)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="megaclass-simulation", help="folder for every artifact")
     parser.add_argument("--chaos", action="store_true",
                         help="SIGKILL one ingestion task and one training worker mid-run")
+    parser.add_argument("--detection", action="store_true",
+                        help="also train and evaluate a detector on the published backbone (COCO JSON data)")
     add_config_arguments(parser, "YAML with simulation options (see --list-options)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.list_options:
         return print_options(SimulationConfig)
-    cfg = config_from_args(SimulationConfig, args, extra={"chaos": True if args.chaos else None})
+    cfg = config_from_args(SimulationConfig, args, extra={"chaos": True if args.chaos else None,
+                                                          "detection": True if args.detection else None})
     report = Simulation(cfg, args.workdir).run()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -33,11 +33,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import posixpath
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from data_pipeline.dataset import is_local
+from pretrain.staging import commit, readable_url, staging_url  # noqa: F401 (staging_url: part of this API)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -113,13 +112,6 @@ def step_dir_name(step: int) -> str:
 
 # -- writing --------------------------------------------------------------------------------------
 
-def staging_url(url: str) -> str:
-    """Where the checkpoint for `url` is built: the sibling `.staging-NAME` (same filesystem)."""
-    base = str(url).rstrip("/")
-    parent, name = base.rsplit("/", 1) if "/" in base else ("", base)
-    return f"{parent}/.staging-{name}" if parent else f".staging-{name}"
-
-
 def begin_checkpoint(url: str) -> str:
     """Empty the staging location of `url` and return it (call once, before any rank writes train_state).
 
@@ -129,20 +121,11 @@ def begin_checkpoint(url: str) -> str:
     staging = staging_url(url)
     fs, path = _fs(staging)
     if fs.exists(_join(path, SUMS_FILE)):
-        _commit(fs, path, _fs(url)[1].rstrip("/"))
+        commit(fs, path, _fs(url)[1].rstrip("/"))
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
     return staging
-
-
-def readable_url(url: str) -> str:
-    """`url`, or its complete staging dir while `url` is being replaced (see Atomicity above)."""
-    fs, root = _fs(url)
-    if fs.exists(_join(root.rstrip("/"), SUMS_FILE)):
-        return url
-    staging = staging_url(url)
-    return staging if fs.exists(_join(_fs(staging)[1], SUMS_FILE)) else url
 
 
 def _timm_config(arch: str, num_classes: int, model_args: dict[str, Any], pretrained_cfg: dict[str, Any],
@@ -235,30 +218,8 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     if stray:  # a reader would refuse it: fail now, at the writer
         raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")
     _write(fs, _join(stage_path, SUMS_FILE), format_sums(sums))  # last: marks the checkpoint complete
-    _commit(fs, stage_path, _fs(url)[1].rstrip("/"))
+    commit(fs, stage_path, _fs(url)[1].rstrip("/"))
     return url
-
-
-def _commit(fs, staging: str, target: str) -> None:
-    """Put the complete checkpoint at `staging` in place of `target` (see Atomicity in the module doc)."""
-    if is_local(fs):
-        if os.path.exists(target):  # a re-run of the same step: the old one is moved aside first
-            trash = f"{staging}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.rename(target, trash)
-            os.rename(staging, target)
-            shutil.rmtree(trash)
-        else:
-            os.rename(staging, target)
-        return
-    if fs.exists(target):
-        if fs.exists(_join(target, SUMS_FILE)):
-            fs.rm(_join(target, SUMS_FILE))  # first: from now on readers take the complete staging dir
-        fs.rm(target, recursive=True)
-    files = _relative_files(fs, staging)
-    for rel in [r for r in files if r != SUMS_FILE] + [SUMS_FILE]:  # server-side copies, SHA256SUMS last
-        fs.copy(_join(staging, rel), _join(target, rel))
-    fs.rm(staging, recursive=True)
 
 
 # -- reading --------------------------------------------------------------------------------------

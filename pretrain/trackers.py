@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import tempfile
 import time
 import uuid
@@ -106,7 +105,8 @@ class MlflowTracker:
                  run_name: str):
         from mlflow import MlflowClient
 
-        uri = opts.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or state.get("tracking_uri")
+        # A run being continued lives where it was created; a new one goes where the options say.
+        uri = state.get("tracking_uri") or opts.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         artifact_location = None
         if not uri and is_local(run_url):
             root = fsspec.core.url_to_fs(run_url)[1]
@@ -250,13 +250,25 @@ def open_trackers(names: list[str], run_url: str, *, is_main: bool, config: dict
     return Trackers(run_url, opened)
 
 
-def remove_local_tracker_files(run_url: str) -> None:
-    """Delete RUN/mlflow.db, RUN/mlartifacts/, RUN/wandb/ and RUN/trackers.json (a fresh start of the run dir)."""
-    if not is_local(run_url):
-        return
-    root = fsspec.core.url_to_fs(run_url)[1]
-    for name in ("mlflow.db", STATE_FILE):
-        if os.path.exists(join(root, name)):
-            os.remove(join(root, name))
-    for name in ("mlartifacts", "wandb"):
-        shutil.rmtree(join(root, name), ignore_errors=True)
+def log_evaluation(model_url: str, report_dir: str, metrics: dict[str, Any]) -> list[str]:
+    """Attach an evaluation of RUN/final (or any RUN/<dir>) to RUN's tracker runs, when RUN has any.
+
+    `metrics` are logged under "evaluate/<name>" at the checkpoint's step; report.json and confusion.png of
+    `report_dir` become artifacts. Returns the trackers written to ([] for a model without a run dir
+    with trackers, e.g. a registry version).
+    """
+    run_url = posixpath.dirname(str(model_url).rstrip("/"))
+    state = read_state(run_url) if run_url else {}
+    names = [name for name in EXTERNAL if isinstance(state.get(name), dict)]
+    if not names:
+        return []
+    with fsspec.open(join(model_url, "config.json"), "r") as f:
+        step = int((json.load(f).get("megaclass") or {}).get("step") or 0)
+    trackers = open_trackers(names, run_url, is_main=True, config={})
+    try:
+        trackers.log(step, {f"evaluate/{k}": v for k, v in metrics.items()})
+        for name in ("report.json", "confusion.png"):
+            trackers.log_artifact(join(report_dir, name))
+    finally:
+        trackers.close()
+    return names

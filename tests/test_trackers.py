@@ -137,6 +137,15 @@ def test_pretrain_resume_continues_the_same_tracker_runs(dataset, tmp_path):
         pytest.approx({r["step"]: r["eval_top1"] for r in ft_records if "eval_top1" in r})
     assert not (ft_run / "tensorboard").exists()  # not named in log.trackers
 
+    # Evaluating the run's model attaches the result to the same tracker run.
+    from cluster.cli import main
+
+    assert main(["evaluate", str(ft_run / "final"), dataset, "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    ft = client.get_run(ft_state["mlflow"]["run_id"])
+    assert ft.data.metrics["evaluate/top1"] == pytest.approx(report["top1"]) and ft.info.status == "FINISHED"
+    assert {"report.json", "confusion.png"} <= {a.path for a in client.list_artifacts(ft.info.run_id)}
+
 
 def test_unknown_tracker_is_a_config_error(dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"log\.trackers: unknown tracker 'comet'"):

@@ -1,6 +1,7 @@
 """Fine-tuning on small real data: `megaclass finetune` with its defaults vs a plain timm + torch loop.
 
-    python bench/finetune_vs_timm.py --workdir /tmp/ftbench            (~15-20 min on 2 quiet cores)
+    python bench/finetune_vs_timm.py --workdir /tmp/ftbench            (48 min on a heavily shared 2-core VM)
+    python bench/finetune_vs_timm.py --workdir /tmp/ftbench --set data.hflip=0.5   (a non-default, compared)
     python bench/finetune_vs_timm.py --workdir /tmp/ftbench --quick    (wiring only; numbers not meaningful)
 
 The baseline is the loop a user would write from the timm and torch docs: `timm.create_model`

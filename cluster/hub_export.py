@@ -5,9 +5,9 @@
 
 The folder holds what timm's Hub loader reads (config.json in timm's schema, model.safetensors),
 the label table (classes.parquet; the names are also config.json's label_names), a README.md model
-card with the version's lineage, and SHA256SUMS over all of them, so the folder is also a
-contract-2 checkpoint that megaclass itself loads and verifies. `timm.create_model("local-dir:DIR",
-pretrained=True)` loads it, and after a push `timm.create_model("hf-hub:REPO_ID", pretrained=True)`.
+card with the version's lineage, and SHA256SUMS over all of them (`sha256sum -c SHA256SUMS`). It is
+a folder for the Hub, not a megaclass checkpoint: megaclass's own loaders take the registry URI, whose
+checkpoints hold no model card. `timm.create_model("local-dir:DIR", pretrained=True)` loads it, and after a push `timm.create_model("hf-hub:REPO_ID", pretrained=True)`.
 The folder is built aside and renamed into place: it appears complete or not at all.
 """
 

@@ -15,12 +15,13 @@ import logging
 import sys
 import time
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
 from cluster.runtime import ray_session
-from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize, plan_shards,
-                                  summary_table, write_shard)
+from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize,
+                                  fold_class_counts, plan_shards, summary_table, write_shard)
 from data_pipeline.report import write_report
 
 log = logging.getLogger(__name__)
@@ -53,29 +54,39 @@ class _Progress:
         self.bar.close()
 
 
-def run_plan(plan: IngestPlan, cfg: IngestConfig) -> list[ShardResult]:
-    """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight."""
+def run_plan(plan: IngestPlan, cfg: IngestConfig) -> tuple[list[ShardResult], np.ndarray]:
+    """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight.
+
+    Returns the results and the per-class counts folded from them as they arrived (for `finalize`).
+    """
     remote = _write_shard_task.options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])  # transient storage errors; worker deaths are always retried
     cfg_ref = ray.put(cfg)
+    class_counts = np.zeros(len(plan.class_names), dtype=np.int64)
     max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
     progress = _Progress(plan.num_rows, cfg.runtime.progress)
     results: list[ShardResult] = []
     pending = []
-    next_task = 0
+    tasks = plan.tasks()  # streamed: the plan is read part by part as slots free up
+    exhausted = False
     try:
-        while next_task < plan.num_tasks or pending:
-            # Submit lazily: each task carries its own rows, so the driver never ships the whole plan at once.
-            while next_task < plan.num_tasks and len(pending) < max_in_flight:
-                pending.append(remote.remote(plan.task(next_task), cfg_ref))
-                next_task += 1
+        while not exhausted or pending:
+            while not exhausted and len(pending) < max_in_flight:
+                task = next(tasks, None)
+                if task is None:
+                    exhausted = True
+                    break
+                pending.append(remote.remote(task, cfg_ref))
+            if not pending:
+                break
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 result = ray.get(ref)
-                results.append(result)
                 progress.update(result)
+                fold_class_counts(result, class_counts)
+                results.append(result)
     finally:
         progress.close()
-    return results
+    return results, class_counts
 
 
 def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
@@ -86,8 +97,8 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
              plan.num_tasks, ", ".join(plan.splits))
     check_out_location(plan)
     with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
-        results = run_plan(plan, cfg)
-    manifest = finalize(plan, results, cfg)
+        results, class_counts = run_plan(plan, cfg)
+    manifest = finalize(plan, results, cfg, class_counts)
     elapsed = time.monotonic() - start
     print(summary_table(manifest["totals"]))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")

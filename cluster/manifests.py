@@ -34,7 +34,7 @@ import yaml
 
 from cluster.runtime import WORKER_ENV as RAY_WORKER_ENV
 from data_pipeline.config import ConfigError, read_yaml
-from data_pipeline.dataset import atomic_write_bytes, join
+from data_pipeline.dataset import atomic_write_bytes, is_local, join
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,9 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith(("file://", "memory://"))
+def _node_local(url: str) -> bool:
+    """A path only this machine sees: the local file system, or memory:// (one process)."""
+    return is_local(url) or url.startswith("memory://")
 
 
 def run_url(cfg: dict[str, Any], opts: RenderOptions) -> str:
@@ -140,7 +141,7 @@ def _check_urls(cfg: dict[str, Any], opts: RenderOptions) -> list[str]:
     """Warnings for paths every node cannot see (fine only on a shared filesystem)."""
     warnings = []
     for field, url in (("data.url", _section(cfg, "data").get("url")), ("checkpoint.url", run_url(cfg, opts))):
-        if url and _is_local(str(url)):
+        if url and _node_local(str(url)):
             warnings.append(f"{field} {url!r} is a local path: every node must see it (shared filesystem), "
                             "or use s3://, gs://, ...")
     return warnings

@@ -38,7 +38,7 @@ from cluster.chaos import ProcessKiller
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
 from data_pipeline import ALLOCATOR_ENV
-from data_pipeline.config import ConfigError, doc, require
+from data_pipeline.config import ConfigError, doc
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -47,26 +47,21 @@ MARKER_FILE = ".megaclass-simulation"
 
 @dataclass(frozen=True)
 class WebSection:
-    upstream_classes: int = doc("classes in the upstream (pretraining) web set", 100)
-    images_per_class: int = doc("upstream images per class", 12)
-    downstream_classes: int = doc("classes of the downstream set, disjoint from upstream", 10)
-    downstream_train_per_class: int = doc("downstream training images per class", 10)
-    downstream_val_per_class: int = doc("downstream validation images per class", 10)
+    upstream_classes: int = doc("classes in the upstream (pretraining) web set", 100, ge=2)
+    images_per_class: int = doc("upstream images per class", 12, ge=2)
+    downstream_classes: int = doc("classes of the downstream set, disjoint from upstream", 10, ge=2)
+    downstream_train_per_class: int = doc("downstream training images per class", 10, ge=1)
+    downstream_val_per_class: int = doc("downstream validation images per class", 10, ge=1)
     seed: int = doc("seed of the drawn images", 0)
-    detection_classes: int = doc("object classes of the detection set (with --detection)", 4)
-    detection_train_images: int = doc("detection training images (several objects each)", 64)
-    detection_val_images: int = doc("detection validation images", 24)
-
-    def validate(self) -> None:
-        require(self.upstream_classes >= 2, "web.upstream_classes", "must be >= 2")
-        require(self.images_per_class >= 2, "web.images_per_class", "must be >= 2")
-        require(self.downstream_classes >= 2, "web.downstream_classes", "must be >= 2")
+    detection_classes: int = doc("object classes of the detection set (with --detection)", 4, ge=1)
+    detection_train_images: int = doc("detection training images (several objects each)", 64, ge=1)
+    detection_val_images: int = doc("detection validation images", 24, ge=1)
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
     web: WebSection = field(default_factory=WebSection)
-    shard_size: int = doc("ingest rows per shard", 200)
+    shard_size: int = doc("ingest rows per shard", 200, ge=1)
     pretrain_config: str = doc("pretrain YAML ('' = the embedded simulate-pretrain.yaml)", "")
     finetune_config: str = doc("finetune YAML ('' = the embedded simulate-finetune.yaml)", "")
     pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])

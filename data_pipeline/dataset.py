@@ -110,8 +110,10 @@ def exists(url: str) -> bool:
 
 def is_local(url_or_fs: Any) -> bool:
     """True for a path on this machine's file system (plain path or file://), given a URL or an fsspec fs."""
-    fs = fsspec.core.url_to_fs(str(url_or_fs))[0] if isinstance(url_or_fs, (str, os.PathLike)) else url_or_fs
-    return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
+    if isinstance(url_or_fs, (str, os.PathLike)):  # from the URL alone: no file system is imported or built
+        return fsspec.utils.get_protocol(str(url_or_fs)) in ("file", "local")
+    protocol = url_or_fs.protocol
+    return "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
 
 
 def read_jsonl(url: str) -> list[dict[str, Any]]:

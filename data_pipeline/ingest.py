@@ -13,7 +13,6 @@ means "shard committed"; re-running skips committed tasks and finishes byte-iden
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -31,16 +30,15 @@ import pyarrow.parquet as pq
 from data_pipeline import dataset, detection
 from data_pipeline.accounting import split_totals, summary_table  # noqa: F401 (summary_table: ingest's API)
 from data_pipeline.config import ConfigError, doc, require, to_dict
-from data_pipeline.fetch import DEFAULT_OPTOUT, MAX_URL_CHARS, FetchOptions, fetch
+from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
 from data_pipeline.image import ImageOptions, process_image
 from data_pipeline.netpolicy import NetworkPolicy, parse_networks
-from data_pipeline.source import SourceError, is_folder, own_scheme, read_source
+from data_pipeline.shard_plan import PLAN_SCHEMA as PLAN_SCHEMA  # re-exported: the plan's row schema
+from data_pipeline.shard_plan import IngestPlan, ShardTask, check_usable_urls
+from data_pipeline.shard_plan import plan_shards as _plan_source
 
 log = logging.getLogger(__name__)
 
-PLAN_SCHEMA = pa.schema([("source_row", pa.int64()), ("key", pa.string()), ("url", pa.string()),
-                         ("label", pa.string()), ("class_id", pa.int32()), ("split", pa.string()),
-                         ("skip_reason", pa.string())])
 PART_META_KEY = b"megaclass.ingest"
 
 
@@ -121,8 +119,25 @@ class RuntimeSection:
 
 
 @dataclass(frozen=True)
+class SourceSection:
+    url_column: str = doc("source column with the image URL (--url-col)", "url")
+    label_column: str = doc("source column with the class name (--label-col)", "label")
+    key_column: str = doc("source column with a unique sample key; row numbers when absent (--key-col)", "key")
+    keep_columns: list[str] = doc("source columns copied into each sample's json and the index (--keep-columns)", [])
+
+    def validate(self) -> None:
+        names = [self.url_column, self.label_column, self.key_column]
+        require(all(names) and len(set(names)) == 3, "source.url_column",
+                "url, label and key columns must be three different non-empty names")
+        require(len(set(self.keep_columns)) == len(self.keep_columns), "source.keep_columns", "names a column twice")
+        require(not set(self.keep_columns) & set(names), "source.keep_columns",
+                "must not repeat the url/label/key columns (they are stored already)")
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """`megaclass ingest` options; output-affecting ones are recorded in manifest.json."""
+    source: SourceSection = field(default_factory=SourceSection)
     fetch: FetchSection = field(default_factory=FetchSection)
     image: ImageSection = field(default_factory=ImageSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -154,52 +169,6 @@ class IngestConfig:
         return options
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    """One unit of work: rows of one split that become one shard and one index part."""
-    out_url: str
-    task_id: int
-    split: str
-    shard_index: int
-    fingerprint: str
-    rows: pa.Table                    # PLAN_SCHEMA
-    schemes: tuple = ("http", "https")   # URL schemes this task may fetch
-
-    @property
-    def shard_url(self) -> str:
-        return dataset.shard_url(self.out_url, self.split, self.shard_index)
-
-    @property
-    def part_url(self) -> str:
-        return dataset.index_part_url(self.out_url, self.task_id)
-
-
-@dataclass(frozen=True)
-class IngestPlan:
-    out_url: str
-    source_fingerprint: str
-    fingerprint: str                  # of source + recorded options: what "same inputs" means
-    class_names: list[str]
-    table: pa.Table                   # PLAN_SCHEMA, all rows
-    bounds: list[tuple[str, int, int, int]]   # (split, shard_index, first, end) per task into `table`
-    splits: list[str]
-    schemes: tuple = ("http", "https")
-    dataset_task: str = "classification"  # "detection" for a COCO source: `table` then has objects, image_id
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.bounds)
-
-    @property
-    def num_rows(self) -> int:
-        return self.table.num_rows
-
-    def task(self, task_id: int) -> ShardTask:
-        split, shard_index, first, end = self.bounds[task_id]
-        rows = self.table.take(pa.array(range(first, end), pa.int64()))  # a copy: ships only these rows
-        return ShardTask(self.out_url, task_id, split, shard_index, self.fingerprint, rows, self.schemes)
-
-
 @dataclass
 class ShardResult:
     task_id: int
@@ -218,96 +187,11 @@ class IngestError(RuntimeError):
     """The run could not produce a dataset (too many failures, foreign data in OUT)."""
 
 
-def url_skips(urls: pa.Array, schemes: tuple) -> pa.Array:
-    """Per-row skip reason of the URL column (null when fetchable), computed by Arrow kernels.
-
-    `bad_url`: empty, over MAX_URL_CHARS, control characters, no scheme, http(s) without a host.
-    `refused_scheme`: a scheme (or fsspec chain `a::b://`) not in `schemes`. The fetcher checks
-    every URL again, this only keeps a refused or hopeless row from costing a task slot.
-    """
-    urls = pc.fill_null(urls, "")
-    length = pc.utf8_length(urls)
-    bad = pc.or_(pc.or_(pc.equal(length, 0), pc.greater(length, MAX_URL_CHARS)),
-                 pc.match_substring_regex(urls, r"[\x00-\x1f\x7f]"))
-    has_scheme = pc.match_substring_regex(urls, r"^[A-Za-z][A-Za-z0-9+.:\-]*://.")
-    lower = pc.utf8_lower(urls)
-    allowed = pa.array(np.zeros(len(urls), dtype=bool))
-    for scheme in schemes:
-        allowed = pc.or_(allowed, pc.starts_with(lower, scheme + "://"))
-    is_http = pc.match_substring_regex(lower, r"^https?://")
-    no_host = pc.and_(is_http, pc.invert(pc.match_substring_regex(lower, r"^https?://[^/?#@]*[^/?#@:]")))
-    bad = pc.or_(pc.or_(bad, pc.invert(has_scheme)), no_host)
-    return pc.if_else(bad, "bad_url", pc.if_else(allowed, pa.scalar(None, pa.string()), "refused_scheme"))
-
-
-def _held_out(keys: list[str], seed: int, fraction: float) -> np.ndarray:
-    """Stable split by key hash: the same key lands in the same split on every run and machine."""
-    salt = str(seed).encode() + b":"
-    values = np.fromiter((int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big")
-                          for k in keys), dtype=np.uint64, count=len(keys))
-    return values < np.uint64(int(fraction * 2 ** 64))
-
-
-def plan_shards(source_url: str, out_url: str, cfg: IngestConfig) -> IngestPlan:
-    """Read and validate the source; assign class ids, splits, skips and shards to every row."""
-    source, source_fp = read_source(source_url)
-    detection_names = detection.source_class_names(source)  # None: a classification source
-    schemes = tuple(s.lower() for s in cfg.fetch.allow_schemes)
-    if detection_names is not None or is_folder(source_url):
-        schemes += (own_scheme(source_url),)  # image folders and COCO files name their own files
-    url_skip = url_skips(source.column("url").combine_chunks(), schemes)
-    url_ok = pc.is_null(url_skip).to_numpy(zero_copy_only=False)
-    if not url_ok.any():
-        first = source.column("url")[0].as_py()
-        refused = pc.sum(pc.equal(url_skip, "refused_scheme")).as_py() or 0
-        hint = f"; {refused} use a scheme not in fetch.allow_schemes={list(schemes)}" if refused else ""
-        raise SourceError(f"source {source_url}: no usable URL in column 'url' (first value: {first!r}){hint}")
-    labels = source.column("label")
-    has_label = pc.fill_null(pc.greater(pc.utf8_length(labels), 0), False).to_numpy(zero_copy_only=False)
-    has_label |= detection_names is not None  # COCO: an image's classes are in its objects, not in a label
-
-    # First occurrence of a URL wins; later ones are skipped as duplicate_url.
-    valid_rows = source.filter(pa.array(url_ok)).select(["source_row", "url"])
-    firsts = valid_rows.group_by("url").aggregate([("source_row", "min")]).column("source_row_min")
-    is_first = np.zeros(source.num_rows, dtype=bool)
-    is_first[firsts.to_numpy()] = True
-    skip = np.full(source.num_rows, None, dtype=object)
-    skip[url_ok & ~is_first] = "duplicate_url"
-    skip[~has_label] = "missing_label"
-    skip[~url_ok] = url_skip.filter(pc.invert(pa.array(url_ok))).to_numpy(zero_copy_only=False)
-    if detection_names is None:
-        names = pc.unique(labels.filter(pa.array(has_label)))
-        names = names.take(pc.sort_indices(names))
-        class_ids = pc.fill_null(pc.index_in(labels, value_set=names), -1).cast(pa.int32())
-    else:
-        names, class_ids = detection.plan_classes(source, skip)
-
-    out = cfg.output
-    keys = source.column("key").to_pylist()
-    is_val = _held_out(keys, out.seed, out.val_fraction) if out.val_fraction > 0 else np.zeros(len(keys), bool)
-    split = np.where(is_val, out.val_split, out.train_split).astype(object)
-    table = pa.Table.from_arrays(
-        [source.column("source_row"), source.column("key"), source.column("url"), labels, class_ids,
-         pa.array(split, pa.string()), pa.array(skip, pa.string())], schema=PLAN_SCHEMA)
-    if detection_names is not None:
-        table = detection.with_objects(table, source)
-
-    bounds = []
-    splits = [out.train_split] + ([out.val_split] if out.val_fraction > 0 else [])
-    ordered = []
-    for name in splits:
-        rows = np.flatnonzero(split == name)
-        ordered.append(rows)
-        base = sum(len(r) for r in ordered[:-1])
-        for shard_index, first in enumerate(range(0, len(rows), out.shard_size)):
-            bounds.append((name, shard_index, base + first, base + min(first + out.shard_size, len(rows))))
-    table = table.take(pa.array(np.concatenate(ordered), pa.int64()))
-
-    fingerprint = hashlib.sha256(json.dumps(
-        {"format": dataset.FORMAT_VERSION, "source": source_fp, "options": cfg.recorded_options()},
-        sort_keys=True).encode()).hexdigest()
-    return IngestPlan(out_url, source_fp, fingerprint, names.to_pylist(), table, bounds, splits, schemes,
-                      "classification" if detection_names is None else detection.TASK)
+def plan_shards(source_url: str | list[str], out_url: str, cfg: IngestConfig) -> IngestPlan:
+    """Read and validate the source (pass 1); `plan.tasks()` then streams the shard tasks."""
+    plan = _plan_source(source_url, out_url, cfg)
+    check_usable_urls(plan)
+    return plan
 
 
 # ---- one shard -------------------------------------------------------------------------------
@@ -377,13 +261,26 @@ def _ingest_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions,
     return {"status": "ok", "reason": "", "image": image, "attempts": fetched.attempts}
 
 
-def _guarded_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, cpu: threading.Semaphore) -> dict:
+def process_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, cpu: threading.Semaphore) -> dict:
     """One row never stops a shard: any exception becomes the row's recorded reason."""
     try:
         return _ingest_row(row, fetch_opts, image_opts, cpu)
     except Exception as exc:  # a bug or a library surprise on one hostile row; recorded, logged, not hidden
         log.warning("internal_error on row %s (%s): %s: %s", row["source_row"], row["url"], type(exc).__name__, exc)
         return {"status": "failed", "reason": f"internal_error:{type(exc).__name__}", "attempts": 1}
+
+
+def json_value(value):
+    """A kept source value as JSON can hold it (NaN -> null; dates, bytes, decimals -> text)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    return str(value)
 
 
 def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
@@ -395,8 +292,12 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     fetch_opts = dataclasses.replace(cfg.fetch_options(), allow_schemes=task.schemes)
     image_opts = cfg.image_options()
     cpu = threading.Semaphore(1)
+    outcomes = [{"status": "skipped", "reason": r["skip_reason"], "attempts": 0} if r["skip_reason"] else None
+                for r in rows]
+    todo = [i for i, outcome in enumerate(outcomes) if outcome is None]  # skipped rows never cost a thread hop
     with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
-        outcomes = list(pool.map(lambda r: _guarded_row(r, fetch_opts, image_opts, cpu), rows))
+        for i, outcome in zip(todo, pool.map(lambda i: process_row(rows[i], fetch_opts, image_opts, cpu), todo)):
+            outcomes[i] = outcome
 
     samples = []
     records = {name: [] for name in dataset.INDEX_SCHEMA.names}
@@ -408,6 +309,7 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
             shard_name = dataset.shard_name(task.split, task.shard_index)
             meta = {"url": row["url"], "label": row["label"], "width": image.original_width,
                     "height": image.original_height}
+            meta.update({name: json_value(row[name]) for name in task.keep_columns})
             if box_counts is not None:
                 meta.update(detection.sample_fields(row, image, box_counts))
             samples.append(dataset.encode_sample(row["key"], image.jpg, row["class_id"], meta))
@@ -421,6 +323,8 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
             records[name].append(value)
     shard = dataset.write_shard(task.shard_url, samples) if samples else None
     index = pa.Table.from_pydict(records, schema=dataset.INDEX_SCHEMA)
+    for name in task.keep_columns:  # kept source columns, typed as in the source
+        index = index.append_column(task.rows.schema.field(name), task.rows.column(name))
     meta = {"fingerprint": task.fingerprint, "shard": dataclasses.asdict(shard) if shard else None}
     if box_counts is not None:
         meta["box_counts"] = box_counts.as_dict()
@@ -443,8 +347,22 @@ def _remove_stale_temporaries(out_url: str) -> None:
                 fs.rm(path)
 
 
-def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) -> dict:
-    """Merge the shard results into classes.parquet, manifest.json and (last) _info.json."""
+def fold_class_counts(result: ShardResult, counts: np.ndarray) -> None:
+    """Add a result's per-class counts into `counts` and drop them from the result.
+
+    A runner folds each result as it arrives, so the driver holds one array of classes instead
+    of a list per shard (tens of thousands of classes x thousands of shards at web scale).
+    """
+    np.add.at(counts, np.asarray(result.class_ids, dtype=np.int64), np.asarray(result.class_counts, np.int64))
+    result.class_ids, result.class_counts = [], []
+
+
+def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig,
+             class_counts: np.ndarray | None = None) -> dict:
+    """Merge the shard results into classes.parquet, manifest.json and (last) _info.json.
+
+    `class_counts`: the results' class counts already folded (`fold_class_counts`), if so.
+    """
     results = sorted(results, key=lambda r: r.task_id)
     if [r.task_id for r in results] != list(range(plan.num_tasks)):
         raise IngestError(f"finalize needs all {plan.num_tasks} shard results, got {len(results)}")
@@ -459,9 +377,9 @@ def finalize(plan: IngestPlan, results: list[ShardResult], cfg: IngestConfig) ->
                           f"output.max_failed_fraction={cfg.output.max_failed_fraction}); reasons: "
                           f"{summary_table(totals)}\nper-row reasons are in {dataset.join(plan.out_url, 'index')}/")
 
-    counts = np.zeros(len(plan.class_names), dtype=np.int64)
+    counts = np.zeros(len(plan.class_names), dtype=np.int64) if class_counts is None else class_counts
     for result in results:  # per-shard counts merged: linear in classes + shards, no per-class files
-        np.add.at(counts, np.asarray(result.class_ids, dtype=np.int64), np.asarray(result.class_counts, np.int64))
+        fold_class_counts(result, counts)
     classes = pa.Table.from_arrays([pa.array(np.arange(len(counts), dtype=np.int32)),
                                     pa.array(plan.class_names, pa.string()), pa.array(counts)],
                                    schema=dataset.CLASSES_SCHEMA)

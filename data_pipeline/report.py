@@ -96,8 +96,7 @@ class _IndexTally:
     """Counts by status/reason and domain, size histograms and thumbnail candidates, part by part."""
 
     def __init__(self, wanted: set[int], pool_per_class: int):
-        self.reasons: Counter = Counter()                 # (status, reason) -> rows
-        self.by_domain: dict[str, Counter] = defaultdict(Counter)  # domain -> {"rows", "ok", reason...}
+        self._groups: list[pa.Table] = []               # (status, reason, domain, rows) per part, merged now and then
         self.width, self.height, self.bytes = _Histogram(), _Histogram(), _Histogram(bucket=256)
         self.wanted, self.pool_per_class = wanted, pool_per_class
         self.candidates: dict[int, list[tuple[str, str, str]]] = defaultdict(list)  # class -> [(shard, key, sha)]
@@ -107,15 +106,11 @@ class _IndexTally:
         self.rows += part.num_rows
         reason = pc.fill_null(part.column("reason"), "")
         status = part.column("status")
-        grouped = pa.table({"status": status, "reason": reason, "domain": _domains(part.column("url"))})
-        for row in grouped.group_by(["status", "reason", "domain"]).aggregate([([], "count_all")]).to_pylist():
-            count = row["count_all"]
-            self.reasons[(row["status"], row["reason"])] += count
-            entry = self.by_domain[row["domain"]]
-            entry["rows"] += count
-            entry[row["status"]] += count
-            if row["reason"]:
-                entry["reason:" + row["reason"]] += count
+        rows = pa.table({"status": status, "reason": reason, "domain": _domains(part.column("url")),
+                         "rows": pa.repeat(pa.scalar(1, pa.int64()), part.num_rows)})
+        self._groups.append(_group_rows(rows))
+        if len(self._groups) >= 64:  # bounded: memory follows the distinct (status, reason, domain), not the parts
+            self._groups = [_group_rows(pa.concat_tables(self._groups))]
         ok = part.filter(pc.equal(status, "ok"))
         for column, hist in (("width", self.width), ("height", self.height)):
             hist.add(ok.column(column).fill_null(-1).to_numpy())
@@ -126,6 +121,28 @@ class _IndexTally:
                 pool = self.candidates[row["class_id"]]
                 if len(pool) < self.pool_per_class:
                     pool.append((row["shard"], row["key"], row["sha256"]))
+
+
+    def counts(self) -> tuple[Counter, dict[str, Counter]]:
+        """(rows by (status, reason), {domain: {"rows", "ok", "failed", "skipped", "reason:R": rows}})."""
+        reasons: Counter = Counter()
+        by_domain: dict[str, Counter] = defaultdict(Counter)
+        if not self._groups:
+            return reasons, by_domain
+        for row in _group_rows(pa.concat_tables(self._groups)).to_pylist():  # one Python pass, at the end
+            count = row["rows"]
+            reasons[(row["status"], row["reason"])] += count
+            entry = by_domain[row["domain"]]
+            entry["rows"] += count
+            entry[row["status"]] += count
+            if row["reason"]:
+                entry["reason:" + row["reason"]] += count
+        return reasons, by_domain
+
+
+def _group_rows(table: pa.Table) -> pa.Table:
+    summed = table.group_by(["status", "reason", "domain"]).aggregate([("rows", "sum")])
+    return summed.rename_columns({"rows_sum": "rows"})
 
 
 def _read_part(url: str) -> pa.Table:
@@ -262,7 +279,8 @@ def gather_report(root: str, opts: ReportOptions = ReportOptions()) -> dict[str,
     ordered = np.sort(counts)[::-1]
     total = int(counts.sum())
     top = max(1, len(ordered) // 100)
-    domains, num_domains = _domain_rows(tally.by_domain, opts.max_domains)
+    reasons, by_domain = tally.counts()
+    domains, num_domains = _domain_rows(by_domain, opts.max_domains)
 
     def grid(rows: list[dict]) -> list[dict]:
         return [{"id": r["id"], "name": r["name"], "count": r["count"], "thumbs": thumbs.get(r["id"], [])}
@@ -280,7 +298,7 @@ def gather_report(root: str, opts: ReportOptions = ReportOptions()) -> dict[str,
                     "max": int(ordered[0]) if len(ordered) else 0,
                     "top_1pct_share": float(ordered[:top].sum() / total) if total else 0.0},
         "reasons": [{"status": s, "reason": r, "rows": n}
-                    for (s, r), n in sorted(tally.reasons.items(), key=lambda kv: (-kv[1], kv[0]))],
+                    for (s, r), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))],
         "domains": domains, "num_domains": num_domains, "have_index": have_index,
         "sizes": {"width_px": tally.width.summary(), "height_px": tally.height.summary(),
                   "bytes": tally.bytes.summary()},

@@ -35,7 +35,7 @@ from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers
 from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
-from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir
+from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     steps_per_epoch = data.num_train_samples // cfg.train.global_batch_size  # >= 1: the batch fits the data
     phases = plan_phases(cfg, steps_per_epoch)
     progress, opt_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, start_step=progress.step, tensorboard=cfg.log.tensorboard)
+    run = create_run_dir(cfg, is_main=ranks.is_main, start_step=progress.step)
     run.write_config(cfg)
     size, _, mean, std = preprocessing(source.pretrained_cfg, cfg.data.image_size)
     ctx = _Context(cfg, ranks, source, data, run, report, steps_per_epoch, bpr,
@@ -223,7 +223,7 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
         run.log(progress.step, {EVENT: "final", BEST_EVAL_TOP1: progress.best_top1, "best_step": progress.best_step})
     barrier(ranks)
-    run.close()
+    run.finish()
     return summary
 
 

@@ -53,6 +53,8 @@ from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from data_pipeline.dataset import is_local
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -102,10 +104,6 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(str(url))
 
 
-def _is_local(fs) -> bool:
-    return "file" in ({fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol))
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -117,7 +115,7 @@ def staging_url(url: str) -> str:
     at the end. Elsewhere: `url` itself (SHA256SUMS, written last, marks it complete)."""
     fs, path = _fs(url)
     path = path.rstrip("/")
-    if _is_local(fs):
+    if is_local(fs):
         return posixpath.join(posixpath.dirname(path), f".staging-{posixpath.basename(path)}")
     return url
 
@@ -210,7 +208,7 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     pq.write_table(table, buf)
     write_hashed(CLASSES_FILE, buf.getvalue())
     if write_train_state is not None:
-        if _is_local(fs):
+        if is_local(fs):
             write_train_state(_join(stage_path, TRAIN_STATE_DIR))
         else:  # the callback writes locally; upload it next to the other files
             with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +220,7 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     if stray:  # a reader would refuse it: fail now, at the writer
         raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")
     _write(fs, _join(stage_path, SUMS_FILE), format_sums(sums))  # last: marks the checkpoint complete
-    if _is_local(fs):
+    if is_local(fs):
         _commit_local(stage_path, _fs(url)[1].rstrip("/"))
     return url
 

@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 
 from data_pipeline.config import ConfigError, doc, load_config, require
 from data_pipeline.transforms import Augmentation
+from pretrain.trackers import TrackingSection, check_tracker_names
 
 
 # -- sections shared with fine-tuning -------------------------------------------------------------
@@ -111,7 +112,14 @@ class ScalingSection:
 @dataclass(frozen=True)
 class LogSection:
     every_steps: int = doc("rank 0 logs metrics every N optimizer steps", 50, ge=1)
-    tensorboard: bool = doc("write TensorBoard events to RUN/tensorboard (remote run dirs: synced there)", True)
+    tensorboard: bool = doc("write TensorBoard events to RUN/tensorboard (remote run dirs: synced there); false = "
+                            "as if 'tensorboard' were not in log.trackers", True)
+    trackers: list[str] = doc("experiment trackers: tensorboard, mlflow, wandb (rank 0 logs config, metrics, artifacts)",
+                              ["tensorboard"])
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def validate(self) -> None:
+        check_tracker_names(self.trackers)
 
 
 # -- what only pretraining has ---------------------------------------------------------------------

@@ -14,9 +14,11 @@ import logging
 import math
 import os
 import posixpath
+import shutil
 import signal
+import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
@@ -33,7 +35,7 @@ from data_pipeline.reader import Loader, create_loader, dataset_info
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_random_erasing
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
-from pretrain.dist import DistInfo, barrier, broadcast_object, sync_buffers
+from pretrain.dist import DistInfo, all_reduce_max, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
 from pretrain.rundir import CONFIG_FILE, FINAL_DIR
@@ -63,6 +65,7 @@ class Run:
     total_steps: int
     progress: Progress
     resumed_from: str | None = None  # the run checkpoint this process resumed from
+    pending_upload: "Upload | None" = field(default=None, repr=False)  # a checkpoint still being uploaded
 
     def __post_init__(self) -> None:
         # (x / 255 - mean) / std as one fused x * scale + shift, the constants made once on the device
@@ -306,18 +309,29 @@ def model_state(run: Run, head_state: dict[str, torch.Tensor]) -> dict[str, torc
     return state
 
 
-def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) -> str:
-    """Collective: step-N/ with train_state/ (then prune to checkpoint.keep); at the end also final/."""
+def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False, wait: bool = False) -> str:
+    """Collective: step-N/ with train_state/ (then prune to checkpoint.keep); at the end also final/.
+
+    On object storage a step checkpoint (not final/, not wait=True) is written to local disk and
+    uploaded by a background thread per rank while training goes on; it completes (SHA256SUMS) at the
+    start of the next checkpoint, so until then it is ignored like any incomplete one. Locally it is
+    written in place (a rename makes it appear).
+    """
     cfg, dist, step = run.cfg, run.dist, run.progress.step
+    finish_upload(run)
     run_url = cfg.checkpoint.url.rstrip("/")
     step_url = posixpath.join(run_url, ckpt.step_dir_name(step))
+    background = not (final or wait) and ckpt.staging_url(step_url) == step_url  # no rename: object storage
     run.sync_buffers()
     if dist.is_main:
         ckpt.begin_checkpoint(step_url)
     barrier(dist)
-    state_sums = save_train_state(posixpath.join(ckpt.staging_url(step_url), ckpt.TRAIN_STATE_DIR),
-                                  backbone=run.backbone, head=run.head, optimizer=run.optimizer, ema=run.ema,
-                                  progress=run.progress, dist=dist)
+    local_step = posixpath.join(tempfile.mkdtemp(prefix="megaclass-checkpoint-"), ckpt.step_dir_name(step)) \
+        if background else None
+    staging = ckpt.staging_url(local_step or step_url)
+    state_sums = save_train_state(posixpath.join(staging, ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
+                                  head=run.head, optimizer=run.optimizer, ema=run.ema, progress=run.progress,
+                                  dist=dist)
     head_state = run.head.full_state(dst=0)  # only rank 0 writes the model
     if dist.is_main:
         kwargs = dict(state_dict=model_state(run, head_state), arch=run.preset.arch, num_classes=run.num_classes,
@@ -329,12 +343,72 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False) 
                                  "dataset_manifest_sha256": run.manifest_sha256, "world_size": dist.world_size,
                                  "model_preset": cfg.model.arch, "config": to_dict(cfg), "metrics": metrics,
                                  "augmentation": cfg.data.as_dict()})
-        ckpt.save_checkpoint(step_url, staging=ckpt.staging_url(step_url), known_sums=state_sums, **kwargs)
-        ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
+        ckpt.save_checkpoint(local_step or step_url, staging=staging, known_sums=state_sums, **kwargs)
+        if not background:
+            ckpt.prune_checkpoints(run_url, cfg.checkpoint.keep)
         if final:
             ckpt.save_checkpoint(posixpath.join(run_url, FINAL_DIR), **kwargs)
-    barrier(dist)
+    if background:  # rank 0 uploads its complete local checkpoint, the others their train_state/ shard
+        sums, source = state_sums, staging
+        if dist.is_main:
+            with open(posixpath.join(local_step, ckpt.SUMS_FILE), "rb") as f:
+                sums, source = {**ckpt.parse_sums(f.read(), local_step), **state_sums}, local_step
+        run.pending_upload = Upload.start(source, step_url, sums)
+    else:
+        barrier(dist)
     return posixpath.join(run_url, FINAL_DIR) if final else step_url
+
+
+@dataclass
+class Upload:
+    """One rank's background upload of a run checkpoint's files (all but SHA256SUMS) to object storage."""
+
+    url: str
+    thread: threading.Thread
+    errors: list[BaseException]
+    sums: dict[str, str]  # rank 0: every rank's train_state/ file hashes
+
+    @classmethod
+    def start(cls, local_dir: str, url: str, sums: dict[str, str]) -> "Upload":
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                fs, path = fsspec.core.url_to_fs(url)
+                for root, _, names in os.walk(local_dir):
+                    for name in names:
+                        rel = os.path.relpath(os.path.join(root, name), local_dir)
+                        if rel != ckpt.SUMS_FILE:  # rank 0 writes the complete one once every rank is done
+                            fs.put_file(os.path.join(root, name), posixpath.join(path, rel))
+            except Exception as exc:  # re-raised on the training thread by finish_upload
+                errors.append(exc)
+            finally:
+                shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
+
+        thread = threading.Thread(target=upload, name=f"upload {url}", daemon=True)
+        thread.start()
+        return cls(url, thread, errors, sums)
+
+
+def finish_upload(run: Run) -> None:
+    """Collective: wait for this rank's background upload; rank 0 then completes the checkpoint
+    (SHA256SUMS: its own files' sums from its local copy, every rank's train_state/ sums) and prunes."""
+    pending, run.pending_upload = run.pending_upload, None
+    if pending is None:
+        return
+    pending.thread.join()
+    if all_reduce_max(float(bool(pending.errors)), run.dist):  # every rank fails together
+        raise RuntimeError(f"{pending.url}: uploading the checkpoint failed on a rank") from \
+            (pending.errors[0] if pending.errors else None)
+    if run.dist.is_main:
+        fs, path = fsspec.core.url_to_fs(pending.url)
+        present = {posixpath.relpath(p, path.rstrip("/")) for p in fs.find(path)}
+        missing = sorted(set(pending.sums) - present)
+        if missing:
+            raise ckpt.CheckpointError(f"{posixpath.join(pending.url, missing[0])}: not uploaded")
+        with fs.open(posixpath.join(path, ckpt.SUMS_FILE), "wb") as f:  # last: the checkpoint is complete
+            f.write(ckpt.format_sums(pending.sums))
+        ckpt.prune_checkpoints(run.cfg.checkpoint.url.rstrip("/"), run.cfg.checkpoint.keep)
 
 
 class Preemption(contextlib.AbstractContextManager):

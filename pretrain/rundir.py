@@ -7,6 +7,7 @@
     RUN/step-NNNNNNNN/   resumable run checkpoints (contract 2 + train_state/)
     RUN/best/, final/    fine-tuning's best model so far / the model to publish (contract 2)
     RUN/curves.png       loss and held-out top-1 against the step
+    RUN/trackers.json    ids of the MLflow / W&B runs (log.trackers), so a resume continues them (pretrain.trackers)
 
 Only rank 0 writes (`is_main`). On a resume, records and TensorBoard events past the resumed step
 (written after the checkpoint by the run that died) are dropped, so the files describe the run
@@ -37,6 +38,7 @@ import fsspec
 from data_pipeline.config import to_yaml
 from data_pipeline.dataset import atomic_write_bytes, is_local, join, read_jsonl
 from pretrain.checkpoint import prune_checkpoints, step_dir_name
+from pretrain.trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ class RunDir:
     """The files of one run; writes happen on rank 0 only, every other rank gets no-ops."""
 
     def __init__(self, url: str, *, is_main: bool, start_step: int = 0, tensorboard: bool = True,
-                 piece_records: int = 1000, tensorboard_sync_s: float = 60.0):
+                 piece_records: int = 1000, tensorboard_sync_s: float = 60.0, trackers: Trackers | None = None):
         self.url = url.rstrip("/")
+        self.trackers = trackers or Trackers(self.url, {})
         self.is_main = is_main
         self.local = is_local(self.url)
         self.piece_records = piece_records
@@ -139,7 +142,7 @@ class RunDir:
             fs.rm(path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        """Append one record (host and pid say which process wrote it) and its numbers to TensorBoard."""
+        """Append one record (host and pid say which process wrote it); its numbers to TensorBoard and the trackers."""
         if not self.is_main:
             return
         record = {STEP: step, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **values}
@@ -156,13 +159,23 @@ class RunDir:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(key, value, step)
             self._sync_tensorboard(force=False)
+        self.trackers.log(step, values)
         log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in values.items()))
 
-    def close(self) -> None:
-        """Flush TensorBoard; remote: sync it and join the pieces into metrics.jsonl."""
+    def finish(self) -> None:
+        """The normal end of a run: write curves.png, give config.yaml and curves.png to the trackers, close."""
+        if self.is_main:
+            plot_curves(self.url)
+            for name in (CONFIG_FILE, CURVES_FILE):
+                self.trackers.log_artifact(join(self.url, name))
+        self.close()
+
+    def close(self, success: bool = True) -> None:
+        """Flush TensorBoard; remote: sync it and join the pieces into metrics.jsonl; end the tracker runs."""
         if not self.is_main:
             return
+        self.trackers.close(success)
         if self._writer is not None:
             self._writer.close()
             self._sync_tensorboard(force=True)
@@ -198,6 +211,16 @@ class RunDir:
             with open(os.path.join(self._tb_local_dir, name), "rb") as f:
                 atomic_write_bytes(join(self.url, TENSORBOARD_DIR, name), f.read())
         self._tb_synced = time.monotonic()
+
+
+def create_run_dir(cfg: Any, *, is_main: bool, start_step: int = 0) -> RunDir:
+    """The run dir of a training config (checkpoint.url) with TensorBoard and the trackers named in cfg.log."""
+    from data_pipeline.config import to_dict
+
+    names = list(cfg.log.trackers)
+    trackers = open_trackers(names, cfg.checkpoint.url, is_main=is_main, config=to_dict(cfg), options=cfg.log.tracking)
+    return RunDir(cfg.checkpoint.url, is_main=is_main, start_step=start_step,
+                  tensorboard=cfg.log.tensorboard and "tensorboard" in names, trackers=trackers)
 
 
 def plot_curves(run_url: str) -> str | None:

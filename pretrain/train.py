@@ -30,7 +30,7 @@ from pretrain.dist import DistInfo, all_gather, all_reduce_max, init_distributed
 from pretrain.head import clip_grad_norm_, sharded_topk_correct
 from pretrain.metrics import StepTimer, memory_stats
 from pretrain.run import Preemption, Run, build_run, save_run_checkpoint
-from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, plot_curves
+from pretrain.rundir import EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
     """Train until train.max_steps (or epochs / total_samples); returns the final metrics.
 
     report(metrics) is called on every rank after each checkpoint with {"step", ..., "checkpoint": url}
-    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's).
+    (the metrics are rank 0's view on rank 0; Ray Train keeps rank 0's). On object storage a step
+    checkpoint may still be uploading then: it completes at the next checkpoint (save_run_checkpoint).
     """
     dist = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
     run = build_run(cfg, dist)
-    run_dir = RunDir(cfg.checkpoint.url, is_main=dist.is_main, start_step=run.progress.step,
-                     tensorboard=cfg.log.tensorboard)
+    run_dir = create_run_dir(cfg, is_main=dist.is_main, start_step=run.progress.step)
     if run.resumed_from:  # the record that tells a restart apart from a fresh run (simulate --chaos reads it)
         run_dir.log(run.progress.step, {EVENT: "resume", "checkpoint": run.resumed_from})
     timer, window, last = StepTimer(), [], {}
@@ -60,7 +60,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                 # Under Ray Train no handler is installed (not the main thread) on any rank: no collective.
                 stop = preemption.installed and bool(all_reduce_max(float(preemption.requested), dist))
                 if stop or step == run.total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                    url = save_run_checkpoint(run, last, final=step == run.total_steps)
+                    url = save_run_checkpoint(run, last, final=step == run.total_steps, wait=stop)
                     if report is not None:  # every rank: Ray Train's report is a barrier
                         report({**last, "step": step, "checkpoint": url})
                 if stop:
@@ -69,9 +69,7 @@ def train(cfg: PretrainConfig, dist: DistInfo | None = None,
                     return {**last, "step": step, "preempted": True}
                 if step == run.total_steps:
                     break
-    run_dir.close()
-    if dist.is_main:
-        plot_curves(cfg.checkpoint.url)
+    run_dir.finish()
     return {**last, "step": run.progress.step, "preempted": False}
 
 

@@ -94,3 +94,19 @@ def test_numeric_flags_refuse_non_finite_values(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and "is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--data", "/nowhere", "--out", "/nowhere/run"],
+                                     ["finetune", "--checkpoint", "/nowhere/ckpt", "--train", "/nowhere", "--out", "/r"],
+                                     ["finetune", "--task", "detection", "--checkpoint", "/nowhere/ckpt", "--train",
+                                      "/nowhere/coco.json", "--out", "/r"]])
+def test_gpus_this_machine_lacks_are_refused_before_ray(command, capsys, monkeypatch):
+    import torch
+
+    import cluster.runtime
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cluster.runtime, "ray_session", lambda *a, **k: pytest.fail("Ray was started"))
+    code = main(command + ["--set", "scaling.use_gpu=true", "--set", "scaling.num_workers=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "scaling.use_gpu: 2 worker(s)" in err[0] and "has 1" in err[0]

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from cluster.cli import main as cli_main
 from cluster.ingest_runner import run_ingest
 from data_pipeline.config import replace
 from data_pipeline.ingest import IngestConfig, finalize, plan_shards, write_shard
@@ -88,7 +89,7 @@ def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_so
     killed = []
 
     def kill_one_worker():
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180  # Ray start-up on a busy 2-core machine can take minutes
         while time.monotonic() < deadline and not killed:
             pids = task_worker_pids()
             if pids:
@@ -107,7 +108,7 @@ def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_so
 
 
 @pytest.mark.slow
-def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path):
+def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path, capsys):
     source, reference = slow_source
     out = tmp_path / "out"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
@@ -127,12 +128,10 @@ def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path):
     assert "split" in rerun.stdout and f"{NUM_ROWS} rows" in rerun.stdout
     assert f"report: {out}/report/index.html" in rerun.stdout and (out / "report" / "report.json").exists()
     assert_identical(reference, out)
-    verify = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert verify.returncode == 0 and "OK" in verify.stdout
+    # --verify through the same CLI entry point, in this process (no Ray, no new interpreter needed)
+    capsys.readouterr()
+    assert cli_main(["ingest", "--verify", str(out)]) == 0 and "OK" in capsys.readouterr().out
 
     shard = out / "shards" / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:-1024])
-    broken = subprocess.run([sys.executable, "-m", "cluster", "ingest", "--verify", str(out)], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert broken.returncode == 1 and "train-000001.tar" in broken.stdout
+    assert cli_main(["ingest", "--verify", str(out)]) == 1 and "train-000001.tar" in capsys.readouterr().out

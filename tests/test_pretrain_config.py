@@ -25,10 +25,13 @@ def test_shipped_config_loads(path):
     assert cfg.train.global_batch_size % (cfg.scaling.num_workers * cfg.train.grad_accum_steps) == 0
 
 
-def test_at_least_the_six_presets_and_tiny_are_shipped():
-    names = {p.name for p in SHIPPED}
-    assert {"pretrain_tiny.yaml", "pretrain_resnet50d.yaml", "pretrain_efficientnet_b0_small.yaml",
-            "pretrain_resnext101_32x16d.yaml", "pretrain_res2net101d.yaml"} <= names
+def test_every_preset_and_tiny_are_shipped():
+    """One config per preset, naming it as model.arch (six presets), plus the tiny one."""
+    from pretrain.models import PRESETS
+    shipped = {p.name: resolve_arch(load_pretrain_config(p, ["data.url=/d", "checkpoint.url=/r"]).model.arch)
+               for p in SHIPPED}
+    assert len(PRESETS) == 6 and "pretrain_tiny.yaml" in shipped
+    assert {f"pretrain_{name}.yaml": preset for name, preset in PRESETS.items()}.items() <= shipped.items()
 
 
 def test_design_keys_exist():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cluster.commands import check_local_gpus
 from data_pipeline.config import from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
@@ -54,6 +55,7 @@ def run_finetune(args: argparse.Namespace, resolve_model_uri) -> int:
 
     cfg = build_detection_config(args)
     cfg.check_runnable()
+    check_local_gpus(cfg.scaling, args.ray_address)
     resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry, args.trust),
                              "source_uri": cfg.finetune.source_uri or cfg.finetune.checkpoint_url}}
     cfg = from_dict(type(cfg), merge(to_dict(cfg), resolved))

@@ -43,5 +43,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         if args.out:
             print(f"report: {args.out.rstrip('/')}/report.json")
+            from pretrain.trackers import log_evaluation
+
+            for name in log_evaluation(model_url, args.out, {k: report[k] for k in ("top1", "top5")}):
+                print(f"logged to {name}: evaluate/top1, evaluate/top5, report.json, confusion.png")
         return 0
     return run_reporting_errors(NAME, body)

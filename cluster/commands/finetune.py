@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from cluster.commands import add_config_arguments, config_from_args, print_options
+from cluster.commands import add_config_arguments, check_local_gpus, config_from_args, print_options
 from data_pipeline.config import ConfigError, from_dict, merge, to_dict
 from data_pipeline.dataset import DatasetError
 
@@ -107,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     reject_detection_data(cfg.data.url, "--train")
     reject_detection_data(cfg.data.val_url, "--val")
     cfg.check_runnable()
+    check_local_gpus(cfg.scaling, args.ray_address)
     # Resolve here, once: workers get a verified local checkpoint and dataset URLs, not URIs or folders.
     resolved = {"finetune": {"checkpoint_url": resolve_model_uri(cfg.finetune.checkpoint_url, args.registry,
                                                                  args.trust),

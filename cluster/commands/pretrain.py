@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from cluster.commands import add_config_arguments, config_from_args, print_options
+from cluster.commands import add_config_arguments, check_local_gpus, config_from_args, print_options
 from data_pipeline.config import to_dict
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import PretrainConfig
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return print_options(PretrainConfig)
     # ConfigError -> exit 2, before Ray starts
     cfg = config_from_args(PretrainConfig, args, FLAGS, {"scaling.num_workers": 1 if args.no_ray else None})
+    check_local_gpus(cfg.scaling, args.ray_address)
     check_data(cfg)  # an unreadable dataset or unknown split too
     try:
         check_resume(cfg)  # a damaged or hostile run checkpoint to resume from

@@ -35,7 +35,7 @@ from finetune.evaluate import preprocessing
 from finetune.train_state import read_state, state_writer
 from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
-from pretrain.rundir import EVENT, IMAGES_PER_S, LOSS, LR, RunDir
+from pretrain.rundir import EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
 HFLIP = 0.5
@@ -143,7 +143,7 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
                            f"batch of {cfg.train.global_batch_size} (lower train.global_batch_size)")
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     progress, optimizer_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
-    run = RunDir(cfg.checkpoint.url, is_main=ranks.is_main, start_step=progress.step, tensorboard=cfg.log.tensorboard)
+    run = create_run_dir(cfg, is_main=ranks.is_main, start_step=progress.step)
     run.write_config(cfg)
     ctx = _Run(cfg, ranks, source, data, spec, run, report, steps_per_epoch, total)
     frozen = cfg.finetune.mode == "linear"
@@ -165,7 +165,7 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
         _save(ctx, run.final_url, best.state_dict, progress, extra={"selected_step": progress.best_step})
         run.log(progress.step, {EVENT: "final", "best_eval_map": progress.best_map, "best_step": progress.best_step})
     barrier(ranks)
-    run.close()
+    run.finish()
     return summary
 
 

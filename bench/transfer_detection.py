@@ -44,18 +44,18 @@ from finetune.detection.train import finetune_detection  # noqa: E402
 
 log = logging.getLogger("bench.transfer_detection")
 IMAGE_SIZE = 64
-# (row label, finetune overrides)
-ROWS = (("scratch", ("finetune.scratch=true",)),
-        ("pretrained, frozen backbone", ("finetune.mode=linear",)),
-        ("pretrained, fine-tuned", ()))
+# key: (row label, finetune overrides)
+ROWS = {"scratch": ("scratch", ("finetune.scratch=true",)),
+        "frozen": ("pretrained, frozen backbone", ("finetune.mode=linear",)),
+        "finetuned": ("pretrained, fine-tuned", ())}
 
 
 def detection_run(ckpt: str, data: dict[str, str], run: Path, overrides: tuple, args, cache: Path) -> dict:
     cfg = load_config(DetectionConfig, None, [
         f"finetune.checkpoint_url={ckpt}", f"data.url={data['train']}", f"data.val_url={data['val']}",
         f"checkpoint.url={run}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=1", f"data.cache_url={cache}",
-        f"model.detector={args.detector}", "model.fpn_channels=64", "train.global_batch_size=16",
-        f"train.max_steps={args.steps}", f"train.eval_every_steps={max(1, args.steps // 4)}", "train.patience=0",
+        f"model.detector={args.detector}", "model.fpn_channels=64", f"train.global_batch_size={args.batch}",
+        f"train.max_steps={args.steps}", f"train.eval_every_steps={max(1, args.steps // args.evals)}", "train.patience=0",
         "train.num_threads=1", "optim.lr=0.002", "optim.weight_decay=0.0001", "optim.warmup_steps=20",
         "log.every_steps=50", "log.tensorboard=false", *overrides])
     started = time.perf_counter()
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--classes", type=int, default=6, help="detection classes (shape x colour)")
     parser.add_argument("--train-images", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=200, help="detector optimizer steps (batch 16), every run")
+    parser.add_argument("--steps", type=int, default=200, help="detector optimizer steps, every run")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--evals", type=int, default=4, help="validations per run (best step selection)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run now, of {','.join(ROWS)}: separate "
+                        "processes may run different rows at once; the table shows every row found in WORKDIR")
     parser.add_argument("--detector", default="faster_rcnn", choices=("faster_rcnn", "retinanet", "fcos"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the wiring, not the numbers")
     args = parser.parse_args(argv)
@@ -102,15 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         data[split] = str(write_coco_set(work / "detection" / split, classes, count, seed=seed,
                                          size=(IMAGE_SIZE, IMAGE_SIZE), max_objects=4))
 
-    results = {}
-    for label, overrides in ROWS:
+    for key in args.rows.split(","):
+        label, overrides = ROWS[key]
         t = time.perf_counter()
-        run = work / "runs" / label.replace(", ", "_").replace(" ", "_")
-        results[label] = detection_run(str(pretrained), data, run, overrides, args, work / "cache")
-        timings[f"{label}_s"] = time.perf_counter() - t
-        log.info("%-28s test mAP@.5 %.3f mAP %.3f (%.0f s)", label, results[label]["test_map_50"],
-                 results[label]["test_map"], timings[f"{label}_s"])
+        result = detection_run(str(pretrained), data, work / "runs" / key, overrides, args, work / "cache")
+        result["seconds"] = time.perf_counter() - t
+        (work / f"row-{key}.json").write_text(json.dumps({"args": vars(args), "result": result}, indent=2))
+        log.info("%-28s test mAP@.5 %.3f mAP %.3f (%.0f s)", label, result["test_map_50"], result["test_map"],
+                 result["seconds"])
     timings["total_s"] = time.perf_counter() - t0
+    results = {ROWS[key][0]: json.loads((work / f"row-{key}.json").read_text())["result"]
+               for key in ROWS if (work / f"row-{key}.json").exists()}
     (work / "transfer_detection.json").write_text(json.dumps({"args": vars(args), "timings": timings,
                                                               "results": results}, indent=2))
     print_table(results, args, timings)
@@ -119,16 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict, args, timings: dict) -> None:
     print(f"\n{args.detector} on test_resnet @ {IMAGE_SIZE}px, {args.classes} classes, {args.train_images} train "
-          f"images, {args.steps} steps x 16 per run; backbone pretrained on {args.upstream_classes} classes "
+          f"images, {args.steps} steps x {args.batch} per run; backbone pretrained on {args.upstream_classes} classes "
           f"x {args.upstream_per_class} images for {args.pretrain_steps} steps x 128. Test set: 96 images.")
     print("| backbone | test mAP@.5 | test mAP@[.5:.95] | val mAP (best step) |")
     print("| --- | --- | --- | --- |")
     for label, r in results.items():
         print(f"| {label} | {100 * r['test_map_50']:.1f} | {100 * r['test_map']:.1f} | "
               f"{100 * r['val_map']:.1f} ({r['best_step']}) |")
-    gain = results["pretrained, fine-tuned"]["test_map_50"] - results["scratch"]["test_map_50"]
-    gain_map = results["pretrained, fine-tuned"]["test_map"] - results["scratch"]["test_map"]
-    print(f"\npretrained minus scratch: mAP@.5 {100 * gain:+.1f} points, mAP {100 * gain_map:+.1f} points")
+    if "scratch" in results and "pretrained, fine-tuned" in results:
+        gain = results["pretrained, fine-tuned"]["test_map_50"] - results["scratch"]["test_map_50"]
+        gain_map = results["pretrained, fine-tuned"]["test_map"] - results["scratch"]["test_map"]
+        print(f"\npretrained minus scratch: mAP@.5 {100 * gain:+.1f} points, mAP {100 * gain_map:+.1f} points")
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

@@ -42,8 +42,8 @@ class DetectionModelSection:
     def validate(self) -> None:
         require(self.detector in DETECTORS, "model.detector", f"must be one of {list(DETECTORS)}")
         require(self.fpn_channels >= 8, "model.fpn_channels", "must be >= 8")
-        require(self.detector != "fcos" or self.fpn_channels % 32 == 0, "model.fpn_channels",
-                "must be a multiple of 32 for fcos (its heads use GroupNorm with 32 groups)")
+        require(self.detector != "fcos" or self.fpn_channels % 16 == 0, "model.fpn_channels",
+                "must be a multiple of 16 for fcos (its heads use GroupNorm with 16 groups)")
         require(self.anchor_scale >= 0, "model.anchor_scale", "must be >= 0 (0 = auto)")
         require(0.0 <= self.score_thresh < 1.0, "model.score_thresh", "must be in [0, 1)")
         require(0.0 < self.nms_thresh <= 1.0, "model.nms_thresh", "must be in (0, 1]")

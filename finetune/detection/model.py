@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import timm
 import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -32,6 +34,7 @@ from pretrain.checkpoint import CheckpointError
 
 DETECTORS = ("faster_rcnn", "retinanet", "fcos")
 BODY_PREFIX = "backbone.body."
+FCOS_NORM_GROUPS = 16
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,13 @@ def _heads(spec: DetectorSpec, backbone: TimmFPN) -> nn.Module:
                          score_thresh=spec.score_thresh, nms_thresh=spec.nms_thresh, **common)
     # FCOS assigns objects to levels by anchor size (4..8 x anchor): one anchor per location, = stride.
     anchors = AnchorGenerator(tuple((float(s),) for s in backbone.strides), ((1.0,),) * num_levels)
-    return FCOS(backbone, num_classes=spec.num_classes + 1, anchor_generator=anchors,
+    # Heads with GroupNorm of 16 groups instead of torchvision's 32: on a small image P7 is 1x1, and
+    # with 32 groups of one channel a single image leaves one value per group, which GroupNorm refuses.
+    norm = partial(nn.GroupNorm, FCOS_NORM_GROUPS)
+    head = FCOSHead(backbone.out_channels, 1, spec.num_classes + 1)
+    head.classification_head = FCOSClassificationHead(backbone.out_channels, 1, spec.num_classes + 1, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, norm_layer=norm)
+    return FCOS(backbone, num_classes=spec.num_classes + 1, anchor_generator=anchors, head=head,
                 score_thresh=spec.score_thresh, nms_thresh=spec.nms_thresh, **common)
 
 

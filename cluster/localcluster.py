@@ -226,10 +226,9 @@ class LocalRayCluster:
         """Start (or start again) worker node `index` (1..num_nodes-1)."""
         if not 1 <= index < self.num_nodes:
             raise ValueError(f"node {index}: worker nodes are 1..{self.num_nodes - 1}")
-        expected = self.alive_nodes() + 1
         self._ray_start(index, [f"--address={self.address}"])
-        if wait:
-            self.wait_for_nodes(expected)
+        if wait:  # the nodes we run: a node killed just now counts once the head has noticed its death
+            self.wait_for_nodes(len(self._sessions))
 
     def node_pids(self, index: int) -> list[int]:
         sid = self._sessions.get(index)

@@ -30,6 +30,7 @@ def staging_url(url: str) -> str:
 def readable_url(url: str) -> str:
     """`url`, or its complete staging dir while `url` is being replaced."""
     fs, root = fsspec.core.url_to_fs(str(url))
+    fs.invalidate_cache(root.rstrip("/"))  # object-store listings are cached per process; others write checkpoints
     if fs.exists(posixpath.join(root.rstrip("/"), SUMS_FILE)):
         return url
     staging = staging_url(url)

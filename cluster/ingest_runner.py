@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import ray
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
-def _write_shard_task(task, cfg: IngestConfig) -> ShardResult:
-    return write_shard(task, cfg)
+def _write_shard_task(task, cfg: IngestConfig) -> tuple[ShardResult, str]:
+    """One shard, and the Ray node that wrote it (for the per-node count printed at the end)."""
+    return write_shard(task, cfg), ray.get_runtime_context().get_node_id()
 
 
 class _Progress:
@@ -54,10 +56,12 @@ class _Progress:
         self.bar.close()
 
 
-def run_plan(plan: IngestPlan, cfg: IngestConfig) -> tuple[list[ShardResult], np.ndarray]:
+def run_plan(plan: IngestPlan, cfg: IngestConfig, nodes: Counter | None = None) -> tuple[list[ShardResult], np.ndarray]:
     """Every shard task of `plan` on the current Ray, at most ~2 tasks per CPU in flight.
 
     Returns the results and the per-class counts folded from them as they arrived (for `finalize`).
+    nodes: counts the tasks that completed on each Ray node (by node id). A task whose node dies is
+    retried elsewhere by Ray (worker and node deaths count against runtime.max_task_retries).
     """
     remote = _write_shard_task.options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])  # transient storage errors; worker deaths are always retried
     cfg_ref = ray.put(cfg)
@@ -80,7 +84,9 @@ def run_plan(plan: IngestPlan, cfg: IngestConfig) -> tuple[list[ShardResult], np
                 break
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                result = ray.get(ref)
+                result, node_id = ray.get(ref)
+                if nodes is not None:
+                    nodes[node_id] += 1
                 progress.update(result)
                 fold_class_counts(result, class_counts)
                 results.append(result)
@@ -96,11 +102,13 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
              plan.num_tasks, ", ".join(plan.splits))
     check_out_location(plan)
+    nodes: Counter = Counter()
     with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
-        results, class_counts = run_plan(plan, cfg)
+        results, class_counts = run_plan(plan, cfg, nodes)
     manifest = finalize(plan, results, cfg, class_counts)
     elapsed = time.monotonic() - start
     print(summary_table(manifest["totals"]))
+    print("shard tasks by Ray node: " + ", ".join(f"{node[:12]} {count}" for node, count in nodes.most_common()))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
     try:
         print(f"report: {write_report(out_url)}")

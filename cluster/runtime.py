@@ -38,7 +38,7 @@ WORKER_ENV = dict(ALLOCATOR_ENV)
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None, log_to_driver: bool = True,
                 dashboard: bool = True) -> Iterator[None]:
-    """Use an initialised Ray, join the cluster at `address`, or start a local Ray for the block.
+    """Use an initialised Ray, join the cluster at `address` (else $RAY_ADDRESS), or start a local Ray.
 
     A joined cluster keeps its own token authentication (RAY_AUTH_TOKEN / ~/.ray/auth_token).
     A local Ray for training keeps its dashboard: Ray Train's controller watches its actors through
@@ -47,6 +47,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, log_to_driv
     if ray.is_initialized():
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own convention for "join this cluster"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"address": address} if address else {
         "include_dashboard": dashboard, "dashboard_host": "127.0.0.1", "num_cpus": num_cpus}
@@ -95,17 +96,22 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def run_torch_trainer(train_fn_name: str, cfg_dict: dict[str, Any], *, num_workers: int, use_gpu: bool,
-                      max_failures: int, storage_url: str, name: str, cpus_per_worker: float = 1.0) -> dict[str, Any]:
+                      max_failures: int, storage_url: str, name: str, cpus_per_worker: float = 1.0,
+                      min_workers: int = 0) -> dict[str, Any]:
     """Run `train_fn(cfg_dict)` on a Ray Train worker group; returns rank 0's summary (its return value).
 
     storage_url: where Ray Train keeps its own run state (STORAGE/NAME); pass the run dir.
+    min_workers: 0 = exactly num_workers; else Ray Train's elastic mode, which (re)starts the group with
+    as many workers as the cluster can hold, between min_workers and num_workers; the training function
+    sees the world size it got and keeps its global batch (pretrain: scaling.min_workers).
     """
     _resolve(train_fn_name)  # fail here, not in every worker
     storage_path = storage_url if "://" in storage_url else os.path.abspath(storage_url)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"train_fn_name": train_fn_name, "cfg": cfg_dict},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=(min_workers, num_workers) if 0 < min_workers < num_workers
+                                     else num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(storage_path=storage_path, name=name,
                              failure_config=FailureConfig(max_failures=max_failures)),

@@ -16,12 +16,19 @@ Every stage is the real command in its own process, exactly as a user runs it. `
 SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
 retried the task with every row accounted for and that training resumed from its last checkpoint
 and reached its final step.
+
+`--storage s3` puts the dataset, the run dirs and the registry in a bucket of an S3 API server (moto's,
+on 127.0.0.1, reached through AWS_ENDPOINT_URL as any S3 API is); `--nodes N` runs ingestion and training
+on a Ray cluster of N nodes (RAY_ADDRESS), and then `--chaos` SIGKILLs the second node instead (its raylet
+and workers) during ingestion and after the first step checkpoint, and starts it again `node_restart_s` later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
@@ -35,10 +42,12 @@ import pyarrow.parquet as pq
 
 from cluster import synthetic, synthetic_detection
 from cluster.chaos import ProcessKiller
+from cluster.localcluster import LocalRayCluster, NodeKiller, S3Server, running_task
 from cluster.simulation_report import build_report
 from cluster.webserver import StaticServer
 from data_pipeline import ALLOCATOR_ENV
-from data_pipeline.config import ConfigError, doc
+from data_pipeline.config import ConfigError, doc, require
+from pretrain.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -66,11 +75,22 @@ class SimulationConfig:
     finetune_config: str = doc("finetune YAML ('' = the embedded simulate-finetune.yaml)", "")
     pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])
     finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
-    chaos: bool = doc("kill one ingestion task and one training worker mid-run", False)
+    chaos: bool = doc("kill one ingestion task and one training worker mid-run (with nodes > 1: the second node)",
+                      False)
     detection: bool = doc("add the detection stages (finetune --task detection, evaluate with COCO mAP)", False)
     detection_config: str = doc("detection finetune YAML ('' = the embedded simulate-detection.yaml)", "")
     detection_overrides: list[str] = doc("extra --set overrides for the detection finetune", [])
     stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
+    storage: str = doc("where dataset, run dirs and registry live: local (the workdir) or s3 (an S3 API server, "
+                       "moto's, started for the simulation)", "local")
+    nodes: int = doc("Ray nodes: 1 = a local Ray per command; 2+ = a cluster of that many, 1 CPU each, started "
+                     "for the simulation (ray start --head / --address, token auth)", 1)
+    node_restart_s: float = doc("with chaos and nodes > 1: seconds before the killed node is started again", 10.0)
+
+    def validate(self) -> None:
+        require(self.storage in ("local", "s3"), "storage", f"must be local or s3, got {self.storage!r}")
+        require(self.nodes >= 1, "nodes", "must be >= 1")
+        require(self.node_restart_s >= 0, "node_restart_s", "must be >= 0")
 
 
 # The broken inputs every simulation includes, with the reason ingestion must record for each.
@@ -212,28 +232,56 @@ class Simulation:
 
     def run(self) -> dict:
         self.prepare_workdir()
+        with contextlib.ExitStack() as stack:
+            if self.cfg.storage == "s3":
+                s3 = stack.enter_context(S3Server(bucket="megaclass-sim"))
+                stack.enter_context(_environ(s3.env))  # this process reads the report back from the bucket
+                self.env.update(s3.env)
+                for name in ("dataset", "run", "registry", "finetune"):
+                    self.paths[name] = s3.url(*self.paths[name].relative_to(self.workdir).parts)
+                self.env["MEGACLASS_REGISTRY"] = self.paths["registry"]
+            cluster = None
+            if self.cfg.nodes > 1:
+                cluster = stack.enter_context(LocalRayCluster(self.cfg.nodes, cpus_per_node=1,
+                                                              extra_env={k: v for k, v in self.env.items()
+                                                                         if k.startswith("AWS_")}))
+                self.env.update(cluster.env)
+            return self._run_stages(cluster)
+
+    def _killers(self, cluster: LocalRayCluster | None):
+        """(ingest killer, pretrain killer) for --chaos, else (None, None)."""
+        if not self.cfg.chaos:
+            return None, None
+        run_url = str(self.paths["run"])
+        if cluster is not None:
+            return (NodeKiller(cluster, 1, lambda: running_task(cluster.node_pids(1), "_write_shard_task"),
+                               restart_after_s=0.0),
+                    NodeKiller(cluster, 1, lambda: bool(list_checkpoints(run_url)),
+                               restart_after_s=self.cfg.node_restart_s))
+        return ProcessKiller("ray::_write_shard_task", after_s=2.0), _AfterCheckpoint("RayTrainWorker", run_url)
+
+    def _run_stages(self, cluster: LocalRayCluster | None) -> dict:
         started = time.perf_counter()
         self.make_web()
+        ingest_killer, pretrain_killer = self._killers(cluster)
         with StaticServer(self.paths["web"]) as server:
             num_rows = self.write_source(server.base_url)
-            killer = ProcessKiller("ray::_write_shard_task", after_s=2.0) if self.cfg.chaos else None
             self.run_stage("ingest", ["ingest", str(self.paths["source"]), str(self.paths["dataset"]),
                                       "--allow-network", "127.0.0.0/8", "--shard-size", str(self.cfg.shard_size),
-                                      "--val-fraction", "0.1", "--image-size", "96", "--no-progress"], killer)
+                                      "--val-fraction", "0.1", "--image-size", "96", "--no-progress"], ingest_killer)
         self.stages[-1].details["rows"] = num_rows
         pretrain_cfg = self.cfg.pretrain_config or str(CONFIG_DIR / "simulate-pretrain.yaml")
-        killer = ProcessKiller("RayTrainWorker", after_path_glob=(self.paths["run"], "step-*")) \
-            if self.cfg.chaos else None
+        restarts = 2 if cluster is not None else 1  # a lost node: the group dies with it, and may fail once more on restart
         self.run_stage("pretrain", ["pretrain", "--config", pretrain_cfg,
                                     "--set", f"data.url={self.paths['dataset']}",
                                     "--set", f"checkpoint.url={self.paths['run']}",
                                     *(a for o in self.cfg.pretrain_overrides for a in ("--set", o))]
-                       + (["--set", "scaling.max_failures=1"] if self.cfg.chaos else []), killer)
-        self.run_stage("publish", ["registry", "publish", str(self.paths["run"] / "final"),
+                       + (["--set", f"scaling.max_failures={restarts}"] if self.cfg.chaos else []), pretrain_killer)
+        self.run_stage("publish", ["registry", "publish", posixpath.join(str(self.paths["run"]), "final"),
                                    "--name", "sim-backbone", "--registry", str(self.paths["registry"])])
         finetune_cfg = self.cfg.finetune_config or str(CONFIG_DIR / "simulate-finetune.yaml")
         finetune_args = ["finetune", "--checkpoint", "registry://sim-backbone@latest",
-                         "--train", str(self.paths["downstream"] / "train"),
+                         "--registry", str(self.paths["registry"]), "--train", str(self.paths["downstream"] / "train"),
                          "--val", str(self.paths["downstream"] / "val"), "--config", finetune_cfg,
                          *(a for o in self.cfg.finetune_overrides for a in ("--set", o))]
         # The baseline: the same fine-tune from random weights (--scratch), in parallel on the other core
@@ -248,7 +296,7 @@ class Simulation:
             "evaluate", str(self.paths["finetune-scratch"] / "final"), str(self.paths["downstream"] / "val"),
             "--out", str(self.paths["evaluation-scratch"])])
         try:
-            self.run_stage("evaluate", ["evaluate", str(self.paths["finetune"] / "final"),
+            self.run_stage("evaluate", ["evaluate", posixpath.join(str(self.paths["finetune"]), "final"),
                                         str(self.paths["downstream"] / "val"), "--out", str(self.paths["evaluation"])])
         finally:
             self.wait_stage(scratch_eval)
@@ -268,3 +316,31 @@ class Simulation:
         self.run_stage("evaluate-detection", ["evaluate", str(self.paths["detector"] / "final"),
                                               str(data / "val" / "instances.json"),
                                               "--out", str(self.paths["detection_evaluation"])])
+
+
+class _AfterCheckpoint(ProcessKiller):
+    """A ProcessKiller that fires once the run dir (any fsspec URL) holds a complete step checkpoint."""
+
+    def __init__(self, pattern: str, run_url: str):
+        super().__init__(pattern)
+        self.run_url = run_url
+
+    def _ready(self, started: float) -> bool:
+        try:
+            return bool(list_checkpoints(self.run_url))
+        except OSError:
+            return False  # listed while being written: look again
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

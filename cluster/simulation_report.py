@@ -7,13 +7,25 @@ report), not from the simulation's own bookkeeping, so the report checks the art
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import posixpath
 from typing import TYPE_CHECKING
+
+import fsspec
 
 from pretrain.rundir import EVAL_TOP1, EVENT, IMAGES_PER_S, LOSS, STEP, read_metrics
 
 if TYPE_CHECKING:
     from cluster.simulate import Simulation
+
+
+def _join(base, *parts: str) -> str:
+    """A path or URL under `base` (a local Path or an s3:// URL: the simulation's stores)."""
+    return posixpath.join(str(base), *parts)
+
+
+def _read_text(url: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # written by other processes just now
+    return fs.cat_file(path).decode() if fs.exists(path) else None
 
 
 def _last(records: list[dict], key: str):
@@ -24,7 +36,7 @@ def _last(records: list[dict], key: str):
 
 
 def _ingest(sim: "Simulation", seconds: float) -> dict:
-    manifest = json.loads((sim.paths["dataset"] / "manifest.json").read_text())
+    manifest = json.loads(_read_text(_join(sim.paths["dataset"], "manifest.json")))
     totals = manifest["totals"]
     rows = sum(t["rows"] for t in totals.values())
     ok = sum(t["ok"] for t in totals.values())
@@ -43,10 +55,10 @@ def _ingest(sim: "Simulation", seconds: float) -> dict:
     }
 
 
-def _training(run_dir: Path) -> dict:
+def _training(run_dir) -> dict:
     records = read_metrics(str(run_dir))
     steps = [r for r in records if LOSS in r]
-    config = json.loads((run_dir / "final" / "config.json").read_text()) if (run_dir / "final" / "config.json").exists() else {}
+    config = json.loads(_read_text(_join(run_dir, "final", "config.json")) or "{}")
     block = config.get("megaclass", {})
     return {
         "final_step": block.get("step", _last(steps, STEP)),
@@ -64,9 +76,9 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
     ingest = _ingest(sim, stages["ingest"].seconds)
     pretrain = _training(sim.paths["run"])
     finetune = _training(sim.paths["finetune"])
-    evaluation = json.loads((sim.paths["evaluation"] / "report.json").read_text())
-    scratch_report = sim.paths["evaluation-scratch"] / "report.json"
-    scratch_top1 = json.loads(scratch_report.read_text()).get("top1") if scratch_report.exists() else None
+    evaluation = json.loads(_read_text(_join(sim.paths["evaluation"], "report.json")))
+    scratch_text = _read_text(_join(sim.paths["evaluation-scratch"], "report.json"))
+    scratch_top1 = json.loads(scratch_text).get("top1") if scratch_text else None
     report = {
         "seconds": {name: round(s.seconds, 1) for name, s in stages.items()} | {"total": round(total_s, 1)},
         "ingest": ingest,
@@ -77,7 +89,7 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
                        "gain_points": None if scratch_top1 is None or evaluation.get("top1") is None
                        else round(100 * (evaluation["top1"] - scratch_top1), 1)},
         "artifacts": {name: str(path) for name, path in sim.paths.items()}
-        | {"published": str(sim.paths["registry"] / "sim-backbone"),
+        | {"published": _join(sim.paths["registry"], "sim-backbone"),
            "logs": str(sim.workdir / "logs")},
         "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},
     }
@@ -97,8 +109,11 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
         checks["detector trained and evaluated (COCO mAP reported)"] = report["detection"]["map"] is not None
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
-        checks["chaos: an ingestion task was killed and retried"] = killed.get("ingest", False) and ingest["balanced"]
-        checks["chaos: a training worker was killed and the run resumed"] = killed.get("pretrain", False) \
+        what = "the second Ray node" if sim.cfg.nodes > 1 else "an ingestion task"
+        checks[f"chaos: {what} was killed and ingestion retried its tasks"] = killed.get("ingest", False) \
+            and ingest["balanced"]
+        what = "the second Ray node" if sim.cfg.nodes > 1 else "a training worker"
+        checks[f"chaos: {what} was killed and the run resumed"] = killed.get("pretrain", False) \
             and bool(pretrain["resumes"])
     report["checks"] = checks
     report["ok"] = all(checks.values())
@@ -139,7 +154,8 @@ def format_report(report: dict) -> str:
     lines.append(f"{'total':<10}{secs['total']:>9.1f}")
     for name, chaos in report["chaos"].items():
         for kill in chaos["killed"]:
-            lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s")
+            lines.append(f"chaos: {name}: SIGKILL pid {kill['pid']} ({kill['process']}) at {kill['at_s']} s"
+                         + (f", back after {kill['restarted_after_s']} s" if "restarted_after_s" in kill else ""))
         if not chaos["killed"]:
             lines.append(f"chaos: {name}: no process matching {chaos['pattern']!r} was found to kill")
     for resume in pre["resumes"]:

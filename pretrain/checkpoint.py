@@ -9,10 +9,13 @@
 
 `timm.create_model("local-dir:CKPT", pretrained=True)` loads it as it is.
 
-Atomicity. On a local filesystem a checkpoint is built in a sibling staging dir `.staging-NAME`
-and renamed into place, so CKPT either does not exist or is complete. Object stores have no
-rename: there the files are written in place and SHA256SUMS is written last as the completion
-marker; a dir without it is incomplete, ignored by `list_checkpoints` and refused by `verify`.
+Atomicity. A checkpoint is built in a sibling staging dir `.staging-NAME`, SHA256SUMS last (the
+completion marker: a dir without it is incomplete, ignored by `list_checkpoints` and refused by
+`verify`). On a local filesystem the staging dir is then renamed into place. Object stores have no
+rename: the complete staging dir is copied over CKPT (server-side copies, SHA256SUMS last) and
+removed after. While CKPT is being replaced its SHA256SUMS is absent, and readers take the complete
+staging dir instead, so rewriting a checkpoint at an existing URL never leaves a moment without a
+valid one; an interrupted replacement is finished by the next `begin_checkpoint` of that URL.
 Loading verifies every file against SHA256SUMS and refuses missing, truncated, altered or foreign
 (unlisted) files with a CheckpointError naming the file. Weights are read with safetensors only.
 SHA256SUMS proves integrity, not authorship (whoever can write the folder can write the sums), so
@@ -30,11 +33,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import posixpath
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from data_pipeline.dataset import is_local
+from pretrain.staging import commit, readable_url, staging_url  # noqa: F401 (staging_url: part of this API)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -110,20 +112,16 @@ def step_dir_name(step: int) -> str:
 
 # -- writing --------------------------------------------------------------------------------------
 
-def staging_url(url: str) -> str:
-    """Where the checkpoint for `url` is built. Local: a sibling `.staging-NAME`, renamed onto `url`
-    at the end. Elsewhere: `url` itself (SHA256SUMS, written last, marks it complete)."""
-    fs, path = _fs(url)
-    path = path.rstrip("/")
-    if is_local(fs):
-        return posixpath.join(posixpath.dirname(path), f".staging-{posixpath.basename(path)}")
-    return url
-
-
 def begin_checkpoint(url: str) -> str:
-    """Empty the staging location of `url` and return it (call once, before any rank writes train_state)."""
+    """Empty the staging location of `url` and return it (call once, before any rank writes train_state).
+
+    A complete staging dir is a replacement that was interrupted after it was written: it is
+    committed first, so that the valid checkpoint it holds is not lost.
+    """
     staging = staging_url(url)
     fs, path = _fs(staging)
+    if fs.exists(_join(path, SUMS_FILE)):
+        commit(fs, path, _fs(url)[1].rstrip("/"))
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -220,21 +218,8 @@ def save_checkpoint(url: str, *, state_dict: dict[str, torch.Tensor], arch: str,
     if stray:  # a reader would refuse it: fail now, at the writer
         raise CheckpointError(f"{_join(staging, stray[0])}: not a file of the checkpoint layout")
     _write(fs, _join(stage_path, SUMS_FILE), format_sums(sums))  # last: marks the checkpoint complete
-    if is_local(fs):
-        _commit_local(stage_path, _fs(url)[1].rstrip("/"))
+    commit(fs, stage_path, _fs(url)[1].rstrip("/"))
     return url
-
-
-def _commit_local(staging: str, target: str) -> None:
-    """Rename staging onto target; an existing target (a re-run of the same step) is moved aside first."""
-    if os.path.exists(target):
-        trash = f"{staging}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(target, trash)
-        os.rename(staging, target)
-        shutil.rmtree(trash)
-    else:
-        os.rename(staging, target)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -271,7 +256,7 @@ def _read_sums(fs, root: str, url: str) -> dict[str, str]:
 
 def verify_checkpoint(url: str) -> dict[str, Any]:
     """Check every file against SHA256SUMS (no missing, altered or unlisted files); returns config.json."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise CheckpointError(f"{url}: no such checkpoint directory")
@@ -316,7 +301,7 @@ def _read_config(fs, root: str, url: str) -> dict[str, Any]:
 
 def load_checkpoint(url: str, *, verify: bool = True) -> LoadedCheckpoint:
     """Read (and by default verify) a checkpoint; weights via safetensors, nothing unpickled."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     root = root.rstrip("/")
     config = verify_checkpoint(url) if verify else _read_config(fs, root, url)
     weights_path = _join(root, WEIGHTS_FILE)
@@ -377,20 +362,21 @@ def classifier_name(model: nn.Module) -> str:
 
 def checkpoint_files(url: str) -> list[str]:
     """Relative paths of every file of a checkpoint, SHA256SUMS included (for the registry to copy)."""
-    fs, root = _fs(url)
+    fs, root = _fs(readable_url(url))
     return sorted([*_read_sums(fs, root.rstrip("/"), url), SUMS_FILE])
 
 
 def list_checkpoints(run_url: str) -> list[str]:
     """Complete run checkpoints (step-N/ with SHA256SUMS) of a run dir, oldest first."""
     fs, root = _fs(run_url)
+    fs.invalidate_cache(root)  # object-store listings are cached per process; other ranks and runs write here
     if not fs.isdir(root):
         return []
     found = []
     for entry in fs.ls(root, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
         match = STEP_DIR_RE.fullmatch(name)
-        if match and fs.exists(_join(entry, SUMS_FILE)):
+        if match and fs.exists(_join(_fs(readable_url(_join(run_url, name)))[1], SUMS_FILE)):
             found.append((int(match.group(1)), _join(run_url, name)))
     return [url for _, url in sorted(found)]
 
@@ -404,10 +390,17 @@ def prune_checkpoints(run_url: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` run checkpoints; returns the deleted URLs."""
     doomed = list_checkpoints(run_url)[:-keep] if keep > 0 else []
     for url in doomed:
-        fs, path = _fs(url)
-        fs.rm(_join(path, SUMS_FILE))  # first, so a half-deleted dir never looks complete
-        fs.rm(path, recursive=True)
+        discard_checkpoint(url)
     return doomed
+
+
+def discard_checkpoint(url: str) -> None:
+    """Delete the checkpoint at `url` if there is one, SHA256SUMS first (a half-deleted dir never looks complete)."""
+    fs, path = _fs(url)
+    if fs.exists(_join(path, SUMS_FILE)):
+        fs.rm(_join(path, SUMS_FILE))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 # -- train_state/: DCP tensors + state.json, read as untrusted input ------------------------------

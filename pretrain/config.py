@@ -16,6 +16,8 @@ each stage extends them with what only it has and with its own defaults (finetun
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -107,6 +109,12 @@ class ScalingSection:
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails; -1 = unlimited",
                             0, ge=-1)
     cpus_per_worker: float = doc("CPUs Ray reserves per worker: data.num_workers loader processes + trainer + pin thread", 1.0, gt=0.0)
+    min_workers: int = doc("0 = always num_workers; else a restart after a lost node may go on with as few as "
+                           "this many workers, same global batch through more accumulation steps", 0)
+
+    def validate(self) -> None:
+        require(0 <= self.min_workers <= self.num_workers, "scaling.min_workers",
+                f"must be 0 (off) or 1..scaling.num_workers ({self.num_workers}), got {self.min_workers}")
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,22 @@ class PretrainConfig:
         require(self.train.global_batch_size % ranks_x_accum == 0, "train.global_batch_size",
                 f"{self.train.global_batch_size} is not divisible by scaling.num_workers * "
                 f"train.grad_accum_steps = {self.scaling.num_workers} * {self.train.grad_accum_steps}")
+        micro = self.train.global_batch_size // ranks_x_accum  # per rank and forward pass, kept on fewer workers
+        for world_size in range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers):
+            require(self.train.global_batch_size % (world_size * micro) == 0, "scaling.min_workers",
+                    f"on {world_size} workers, train.global_batch_size {self.train.global_batch_size} is not a whole "
+                    f"number of micro-batches of {micro} per worker")
+
+
+def fit_to_world_size(cfg: "PretrainConfig", world_size: int) -> "PretrainConfig":
+    """The config for a run on `world_size` < scaling.num_workers ranks (scaling.min_workers set): the same
+    micro-batch per rank and the same global batch, so more accumulation steps per optimizer step."""
+    if not cfg.scaling.min_workers or world_size >= cfg.scaling.num_workers:
+        return cfg
+    micro = cfg.train.global_batch_size // (cfg.scaling.num_workers * cfg.train.grad_accum_steps)
+    accum = cfg.train.global_batch_size // (world_size * micro)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum),
+                               scaling=dataclasses.replace(cfg.scaling, num_workers=world_size))
 
 
 def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:

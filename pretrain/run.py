@@ -34,7 +34,7 @@ from data_pipeline.config import ConfigError, to_dict, to_yaml
 from data_pipeline.reader import Loader, create_loader, dataset_info
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, create_random_erasing
 from pretrain import checkpoint as ckpt
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, fit_to_world_size
 from pretrain.dist import DistInfo, all_reduce_max, barrier, broadcast_object, sync_buffers
 from pretrain.head import ShardedClassifierHead
 from pretrain.models import Preset, classifier_prefix, create_backbone
@@ -171,6 +171,11 @@ def check_resume(cfg: PretrainConfig) -> str | None:
 
 def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
     """Build model, head, optimizer, schedule and data plan; resume from the newest run checkpoint."""
+    if dist.world_size < cfg.scaling.num_workers and cfg.scaling.min_workers:
+        cfg = fit_to_world_size(cfg, dist.world_size)
+        log.warning("running on %d of %d workers (scaling.min_workers): %d accumulation steps per optimizer step "
+                    "keep the global batch at %d", dist.world_size, cfg.scaling.num_workers,
+                    cfg.train.grad_accum_steps, cfg.train.global_batch_size)
     ranks_x_accum = dist.world_size * cfg.train.grad_accum_steps
     if cfg.train.global_batch_size % ranks_x_accum:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
@@ -274,8 +279,8 @@ def _resume(run: Run) -> bool:
     if error is not None:
         raise ckpt.CheckpointError(error)
     if latest is not None:
-        saved = load_train_state(posixpath.join(latest, ckpt.TRAIN_STATE_DIR), backbone=run.backbone, head=run.head,
-                                 optimizer=run.optimizer, ema=run.ema, dist=dist)
+        saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
+                                 head=run.head, optimizer=run.optimizer, ema=run.ema, dist=dist)
         run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
         rng_restored = saved.world_size == dist.world_size
         run.resumed_from = latest
@@ -321,10 +326,12 @@ def save_run_checkpoint(run: Run, metrics: dict[str, Any], final: bool = False, 
     finish_upload(run)
     run_url = cfg.checkpoint.url.rstrip("/")
     step_url = posixpath.join(run_url, ckpt.step_dir_name(step))
-    background = not (final or wait) and ckpt.staging_url(step_url) == step_url  # no rename: object storage
+    background = not (final or wait) and not ckpt.is_local(fsspec.core.url_to_fs(step_url)[0])  # object storage
     run.sync_buffers()
     if dist.is_main:
         ckpt.begin_checkpoint(step_url)
+        if background:  # uploaded in place below: an older checkpoint of this step (a redone step) goes first
+            ckpt.discard_checkpoint(step_url)
     barrier(dist)
     local_step = posixpath.join(tempfile.mkdtemp(prefix="megaclass-checkpoint-"), ckpt.step_dir_name(step)) \
         if background else None

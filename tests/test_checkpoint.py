@@ -124,3 +124,46 @@ def test_resave_same_step_replaces_atomically(saved):
         model.fc.bias.add_(1.0)
     _save(url, model)
     assert torch.equal(load_checkpoint(url).state_dict["fc.bias"], model.fc.bias)
+
+
+def test_object_store_rewrite_never_leaves_no_valid_checkpoint(monkeypatch):
+    """Rewriting memory://.../final (an object store: no rename): at every copy of the commit, and after
+    a crash in the middle of it, the URL still loads a complete checkpoint, old or new."""
+    import fsspec
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    url = f"memory://rewrite-{os.getpid()}/run/final"
+    _save(url, model, train_state=lambda d: open(f"{d}/x", "wb").write(b"1"))
+    old_bias = model.fc.bias.detach().clone()
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    fs = fsspec.filesystem("memory")
+    real_copy, seen, crash_after = fs.copy, [], [None]
+
+    def copy_checking(src, dst, **kwargs):
+        bias = load_checkpoint(url).state_dict["fc.bias"]  # raises if no valid checkpoint is readable
+        seen.append(torch.equal(bias, old_bias))
+        if crash_after[0] is not None and len(seen) > crash_after[0]:
+            raise OSError("connection lost mid-commit")
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(type(fs), "copy", lambda self, src, dst, **kw: copy_checking(src, dst, **kw))
+    _save(url, model)
+    assert len(seen) >= 4 and not any(seen)  # during the commit, readers got the complete new one (staged)
+    assert torch.equal(load_checkpoint(url).state_dict["fc.bias"], model.fc.bias)
+    assert not fs.exists(url.replace("/final", "/.staging-final"))
+
+    # A crash in the middle of a replacement: the staged checkpoint is what loads, and the next
+    # begin_checkpoint of the URL finishes the commit before anything else.
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    seen.clear()
+    crash_after[0] = 2
+    with pytest.raises(OSError, match="mid-commit"):
+        _save(url, model)
+    assert not fs.exists(url[len("memory://"):] + "/" + SUMS_FILE)
+    assert torch.equal(load_checkpoint(url).state_dict["fc.bias"], model.fc.bias)
+    crash_after[0] = None
+    begin_checkpoint(url)
+    assert torch.equal(load_checkpoint(url).state_dict["fc.bias"], model.fc.bias)
+    assert fs.exists(url[len("memory://"):] + "/" + SUMS_FILE)

@@ -67,3 +67,21 @@ def test_missing_urls_fail():
         load_pretrain_config(overrides=["data.url=/d"])
     with pytest.raises(ConfigError, match="data.url"):
         load_pretrain_config(overrides=["checkpoint.url=/r"])
+
+
+def test_min_workers_keeps_the_global_batch_on_fewer_workers():
+    from pretrain.config import fit_to_world_size
+    cfg = load_pretrain_config(None, ["data.url=ds", "checkpoint.url=run", "scaling.num_workers=4", "scaling.min_workers=2",
+                                      "train.global_batch_size=24", "train.grad_accum_steps=3"])
+    def micro(c):
+        return c.train.global_batch_size // (c.scaling.num_workers * c.train.grad_accum_steps)
+    assert micro(cfg) == 2
+    assert [(c.scaling.num_workers, c.train.grad_accum_steps, micro(c), c.train.global_batch_size)
+            for c in (fit_to_world_size(cfg, 2), fit_to_world_size(cfg, 3))] == [(2, 6, 2, 24), (3, 4, 2, 24)]
+    assert fit_to_world_size(cfg, 4) is cfg
+    assert fit_to_world_size(load_pretrain_config(None, ["data.url=ds", "checkpoint.url=run", "scaling.num_workers=2"]), 1).scaling.num_workers == 2
+    with pytest.raises(ConfigError, match=r"^scaling.min_workers: on 3 workers, train.global_batch_size 32 is not a whole number of micro-batches of 8"):
+        load_pretrain_config(None, ["data.url=ds", "checkpoint.url=run", "scaling.num_workers=4", "scaling.min_workers=3",
+                                    "train.global_batch_size=32"])
+    with pytest.raises(ConfigError, match=r"^scaling.min_workers: must be 0 \(off\) or 1..scaling.num_workers"):
+        load_pretrain_config(None, ["data.url=ds", "checkpoint.url=run", "scaling.num_workers=2", "scaling.min_workers=3"])

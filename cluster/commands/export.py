@@ -16,7 +16,7 @@ HELP = "export a model to ONNX and check parity with PyTorch"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint dir or registry://NAME@ALIAS")
-    parser.add_argument("--onnx", required=True, metavar="OUT.onnx", help="output file (local path)")
+    parser.add_argument("--onnx", required=True, metavar="OUT.onnx", help="output file: a local path or any fsspec URL (s3://, gs://, ...)")
     parser.add_argument("--image-size", type=int, default=0, help="input px; 0 = the checkpoint's input_size")
     parser.add_argument("--registry", help="registry root for registry:// URIs")
     add_trust_argument(parser)

@@ -53,12 +53,22 @@ def run(args: argparse.Namespace) -> int:
         from pretrain.train import train
         summary = train(cfg)
     else:
+        from ray.train import TrainingFailedError
+
         from cluster.runtime import ray_session, run_torch_trainer
-        with ray_session(args.ray_address):
-            summary = run_torch_trainer("pretrain.train:train_from_dict", to_dict(cfg),
-                                        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                        max_failures=cfg.scaling.max_failures, storage_url=cfg.checkpoint.url,
-                                        name="ray", cpus_per_worker=cfg.scaling.cpus_per_worker)
+        try:
+            with ray_session(args.ray_address):
+                summary = run_torch_trainer("pretrain.train:train_from_dict", to_dict(cfg),
+                                            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                            max_failures=cfg.scaling.max_failures, storage_url=cfg.checkpoint.url,
+                                            name="ray", cpus_per_worker=cfg.scaling.cpus_per_worker,
+                                            min_workers=cfg.scaling.min_workers)
+        except TrainingFailedError as exc:  # e.g. a lost node with no restarts left (docs/cluster.md)
+            first_lines = " ".join(str(exc).split("\n")[:2])[:400]
+            print(f"megaclass pretrain: error: {first_lines} | the run dir {cfg.checkpoint.url} keeps its last "
+                  f"step checkpoint: run the same command again to resume (scaling.max_failures="
+                  f"{cfg.scaling.max_failures})", file=sys.stderr)
+            return 1
     final = cfg.checkpoint.url.rstrip("/") + "/final"
     top1 = summary.get("eval_top1")
     print(f"final checkpoint: {final} (step {summary.get('step')}"

@@ -7,6 +7,7 @@
     megaclass registry resolve registry://resnet-web@production
     megaclass registry verify resnet-web
     megaclass registry export registry://resnet-web@production --hf hub/resnet-web [--push you/resnet-web]
+    megaclass registry gc --older-than 24h [--dry-run]   (what dead publishers left behind)
 
     megaclass registry keygen ~/.megaclass/publisher.pem        (writes publisher.pem and publisher.pem.pub)
     megaclass registry publish runs/r1/final --name resnet-web --sign ~/.megaclass/publisher.pem
@@ -82,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="then upload DIR to this Hub model repo (needs a token: `hf auth login` or $HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private (with --push)")
 
+    p = actions.add_parser("gc", parents=[common], help="remove staging folders and unfinished versions of dead publishes")
+    p.add_argument("--older-than", metavar="AGE", required=True, type=_duration_s,
+                   help="only what has not changed for this long: 90s, 30m, 24h, 7d (a running publish keeps writing)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+
+
+def _duration_s(text: str) -> float:
+    from cluster.registry_gc import parse_duration_s
+
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def _print(args: argparse.Namespace, payload, text: str) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True) if args.json else text)
@@ -142,6 +157,16 @@ def _run(args: argparse.Namespace) -> int:
         return 1 if any(report.values()) else 0
     elif args.action == "export":
         return _export(args, reg)
+    elif args.action == "gc":
+        from cluster.registry_gc import collect_garbage
+
+        report = collect_garbage(reg, args.older_than, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        _print(args, {"removed": report.removed, "kept_recent": report.kept_recent, "bytes_freed": report.bytes_freed,
+                      "dry_run": args.dry_run},
+               "\n".join([f"{verb} {path}" for path in report.removed]
+                         + [f"{verb} {len(report.removed)} folder(s), {report.bytes_freed} B; "
+                            f"{len(report.kept_recent)} changed in the last {args.older_than:.0f} s kept"]))
     return 0
 
 

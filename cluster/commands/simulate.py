@@ -1,4 +1,7 @@
-"""`megaclass simulate [--chaos] [--detection]`: the whole pipeline on this machine (what `make demo` runs)."""
+"""`megaclass simulate [--chaos] [--detection] [--storage s3] [--nodes 2]`: the whole pipeline on this machine.
+
+`make demo` runs it with the defaults (local storage, a local Ray per command).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SIGKILL one ingestion task and one training worker mid-run")
     parser.add_argument("--detection", action="store_true",
                         help="also train and evaluate a detector on the published backbone (COCO JSON data)")
+    parser.add_argument("--storage", choices=("local", "s3"), default=None,
+                        help="local: everything in the workdir; s3: dataset, runs and registry in an S3 API server "
+                             "(moto) started for the simulation")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="Ray nodes (default 1: a local Ray per command; 2+: a cluster started for the simulation)")
     add_config_arguments(parser, "YAML with simulation options (see --list-options)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -26,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list_options:
         return print_options(SimulationConfig)
     cfg = config_from_args(SimulationConfig, args, extra={"chaos": True if args.chaos else None,
-                                                          "detection": True if args.detection else None})
+                                                          "detection": True if args.detection else None,
+                                                          "storage": args.storage, "nodes": args.nodes})
     report = Simulation(cfg, args.workdir).run()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -94,13 +94,7 @@ class Run:
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
     def loader(self, epoch: int, skip_batches: int = 0) -> Loader:
-        cfg = self.cfg
-        return create_loader(
-            cfg.data.url, cfg.data.train_split, batch_size_per_rank=self.batch_size_per_rank, rank=self.dist.rank,
-            world_size=self.dist.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
-            transform=cfg.data.train_transform(cfg.data.image_size),
-            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.samples_per_epoch or None,
-            skip_batches=skip_batches, pin_memory=self.dist.device.type == "cuda")
+        return create_train_loader(self.cfg, self.dist, self.batch_size_per_rank, epoch, skip_batches)
 
     def eval_loader(self) -> Loader | None:
         """Equal, unshuffled batches per rank of the held-out split (the sharded head needs every rank)."""
@@ -134,6 +128,17 @@ class Run:
     def _log_keys(self, step: int, micro: list) -> None:
         with fsspec.open(self.keys_url(), "a") as f:
             f.writelines(f"{step}\t{' '.join(batch.keys)}\n" for batch in micro)
+
+
+def create_train_loader(cfg: PretrainConfig, dist: DistInfo, batch_size_per_rank: int, epoch: int,
+                        skip_batches: int = 0) -> Loader:
+    """This rank's loader of the training split for one epoch (skip_batches: resume inside the epoch)."""
+    return create_loader(
+        cfg.data.url, cfg.data.train_split, batch_size_per_rank=batch_size_per_rank, rank=dist.rank,
+        world_size=dist.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
+        transform=cfg.data.train_transform(cfg.data.image_size),
+        shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.samples_per_epoch or None,
+        skip_batches=skip_batches, pin_memory=dist.device.type == "cuda")
 
 
 def _total_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
@@ -202,22 +207,21 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
                                     lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                                     **extra)
     ema = ModelEmaV3(backbone, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    run = Run(cfg, dist, backbone, backbone, head, optimizer, None, ema, None,
-              create_random_erasing(cfg.data.re_prob, dist.device), preset, class_names,
-              info["manifest_sha256"], info["splits"].get(cfg.data.eval_split, {}).get("num_samples", 0),
-              cfg.train.global_batch_size // ranks_x_accum, 0, 0, Progress(world_size=dist.world_size))
-    run.steps_per_epoch = len(run.loader(0)) // cfg.train.grad_accum_steps
-    if run.steps_per_epoch < 1:
+    batch_size_per_rank = cfg.train.global_batch_size // ranks_x_accum
+    steps_per_epoch = len(create_train_loader(cfg, dist, batch_size_per_rank, 0)) // cfg.train.grad_accum_steps
+    if steps_per_epoch < 1:
         raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than an epoch")
-    run.total_steps = _total_steps(cfg, run.steps_per_epoch)
-    rng_restored = _resume(run)
-    run.scheduler = _create_scheduler(cfg, optimizer, run.total_steps)
-    run.scheduler.step_update(num_updates=run.progress.step)
+    total_steps = _total_steps(cfg, steps_per_epoch)
+    progress, resumed_from, rng_restored = _resume(cfg, dist, backbone, head, optimizer, ema)
+    scheduler = _create_scheduler(cfg, optimizer, total_steps)
+    scheduler.step_update(num_updates=progress.step)
+    mixup = None
     if cfg.loss.mixup or cfg.loss.cutmix:
-        run.mixup = Mixup(mixup_alpha=cfg.loss.mixup, cutmix_alpha=cfg.loss.cutmix, prob=cfg.loss.mix_prob,
-                          switch_prob=cfg.loss.switch_prob, mode="batch", num_classes=len(class_names))
+        mixup = Mixup(mixup_alpha=cfg.loss.mixup, cutmix_alpha=cfg.loss.cutmix, prob=cfg.loss.mix_prob,
+                      switch_prob=cfg.loss.switch_prob, mode="batch", num_classes=len(class_names))
     if not rng_restored:  # per-rank stream for dropout / drop-path; a resume restores the saved one
-        torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * run.progress.step)
+        torch.manual_seed(cfg.train.seed * 1000 + dist.rank + 7919 * progress.step)
+    model: nn.Module = backbone
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         # No broadcast of BatchNorm statistics before every forward (rank 0's are still copied once, at
@@ -226,12 +230,19 @@ def build_run(cfg: PretrainConfig, dist: DistInfo) -> Run:
         ddp_class = nn.parallel.DistributedDataParallel
         no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                            inspect.signature(ddp_class).parameters else {"broadcast_buffers": False})
-        run.model = ddp_class(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
+        model = ddp_class(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_forward_sync)
     if cfg.train.compile:
         # The DDP-wrapped model is compiled (not the backbone inside it), so dynamo's DDP optimizer splits
         # the graph at bucket boundaries and gradient all-reduces still overlap the backward.
         # run.backbone stays the plain module: state-dict keys stay timm's.
-        run.model = torch.compile(run.model)
+        model = torch.compile(model)
+    run = Run(cfg=cfg, dist=dist, backbone=backbone, model=model, head=head, optimizer=optimizer, scheduler=scheduler,
+              ema=ema, mixup=mixup, erasing=create_random_erasing(cfg.data.re_prob, dist.device), preset=preset,
+              class_names=class_names, manifest_sha256=info["manifest_sha256"],
+              eval_samples=info["splits"].get(cfg.data.eval_split, {}).get("num_samples", 0),
+              batch_size_per_rank=batch_size_per_rank, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              progress=progress, resumed_from=resumed_from)
+    _record_config_and_keys(run)
     return run
 
 
@@ -261,10 +272,12 @@ def _create_scheduler(cfg: PretrainConfig, optimizer, total_steps: int):
     return scheduler
 
 
-def _resume(run: Run) -> bool:
-    """Load the newest run checkpoint (if any); True when the RNG state was restored too."""
-    cfg, dist = run.cfg, run.dist
-    rng_restored = False
+def _resume(cfg: PretrainConfig, dist: DistInfo, backbone: nn.Module, head: ShardedClassifierHead,
+            optimizer: torch.optim.Optimizer, ema: ModelEmaV3 | None) -> tuple[Progress, str | None, bool]:
+    """Load the newest run checkpoint (if any) into the given modules and optimizer.
+
+    Returns the progress to continue from, the checkpoint resumed from (None for a fresh run), and
+    whether the RNG state was restored too (only at the world size it was saved with)."""
     # Rank 0 picks and verifies the checkpoint once (reading every file) and tells the others: every
     # rank resumes from the same one, and a damaged one fails on every rank with the same error.
     latest, error = None, None
@@ -278,22 +291,26 @@ def _resume(run: Run) -> bool:
     latest, error = broadcast_object((latest, error), dist)
     if error is not None:
         raise ckpt.CheckpointError(error)
-    if latest is not None:
-        saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=run.backbone,
-                                 head=run.head, optimizer=run.optimizer, ema=run.ema, dist=dist)
-        run.progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
-        rng_restored = saved.world_size == dist.world_size
-        run.resumed_from = latest
-        log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
-                 saved.world_size, dist.world_size)
-    if dist.is_main:
-        ds.atomic_write_bytes(posixpath.join(cfg.checkpoint.url.rstrip("/"), CONFIG_FILE), to_yaml(cfg).encode())
-        if cfg.log.sample_keys:
+    if latest is None:
+        return Progress(world_size=dist.world_size), None, False
+    saved = load_train_state(posixpath.join(ckpt.readable_url(latest), ckpt.TRAIN_STATE_DIR), backbone=backbone,
+                             head=head, optimizer=optimizer, ema=ema, dist=dist)
+    log.info("resumed from %s at step %d (saved at world size %d, now %d)", latest, saved.step,
+             saved.world_size, dist.world_size)
+    progress = Progress(saved.step, saved.epoch, saved.steps_in_epoch, dist.world_size)
+    return progress, latest, saved.world_size == dist.world_size
+
+
+def _record_config_and_keys(run: Run) -> None:
+    """Collective: rank 0 writes the resolved config.yaml; the sample-key logs lose the steps redone now."""
+    if run.dist.is_main:
+        ds.atomic_write_bytes(posixpath.join(run.cfg.checkpoint.url.rstrip("/"), CONFIG_FILE),
+                              to_yaml(run.cfg).encode())
+        if run.cfg.log.sample_keys:
             _truncate_keys(run)
-    barrier(dist)
-    if cfg.log.sample_keys and not dist.is_main:
+    barrier(run.dist)
+    if run.cfg.log.sample_keys and not run.dist.is_main:
         _truncate_keys(run)
-    return rng_restored
 
 
 def _truncate_keys(run: Run) -> None:

@@ -168,7 +168,9 @@ def test_detection_finetune_resume_and_checkpoint(detection_run):
     run = detection_run["run"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [1, 2, 3, 4]  # the second invocation started at step 3: resumed, not restarted
+    assert steps == [1, 2, 3, 4]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [2]  # the second invocation resumed from step-2, not restarted
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000002", "step-00000004"]
     assert any("eval_map" in r for r in records[detection_run["first_records"]:])
     final = load_checkpoint(str(run / "final"))

@@ -145,6 +145,8 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
     progress, optimizer_state = _resume(cfg.checkpoint.url, model) if cfg.checkpoint.resume else (Progress(), None)
     run = create_run_dir(cfg, is_main=ranks.is_main, start_step=progress.step)
     run.write_config(cfg)
+    if progress.step:  # a restart is visible in the run's own log
+        run.log(progress.step, {EVENT: "resume", "checkpoint": run.step_url(progress.step)})
     ctx = _Run(cfg, ranks, source, data, spec, run, report, steps_per_epoch, total)
     frozen = cfg.finetune.mode == "linear"
     set_body_frozen(model, frozen)

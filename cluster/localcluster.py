@@ -101,7 +101,7 @@ class S3Server:
         try:
             import moto.server  # noqa: F401  (checked here for one clear message)
         except ImportError:
-            raise RuntimeError("the S3 API server needs moto[server] and s3fs: pip install 'megaclass[dev]'") from None
+            raise RuntimeError("the S3 API server needs moto (s3), flask, flask-cors and s3fs: pip install 'megaclass[dev]'") from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a free port can be taken between the probe and the bind
             self.port = free_port()

@@ -101,9 +101,13 @@ def test_ingest_on_two_nodes_to_s3_survives_node_loss_and_driver_crash(slow_sour
     assert committed() < NUM_ROWS // SHARD_SIZE and not fresh_s3().exists(out + "/manifest.json")
 
     # 3. The node returns; the same command resumes and ends byte-identical to a plain run.
+    # A fresh driver process, as a user would run it: Ray reads its auth mode once per process, and this
+    # pytest process may already have used Ray without a token.
     two_nodes.start_node(1)
-    assert main(["ingest", source, out, *FLAGS]) == 0
-    assert "shard tasks by Ray node: " in capsys.readouterr().out
+    resumed = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout.decode()[-4000:]
+    assert "shard tasks by Ray node: " in resumed.stdout.decode()
     expected = {os.path.relpath(p, reference): Path(p).read_bytes() for p in map(str, Path(reference).rglob("*"))
                 if Path(p).is_file()}
     written = {rel: data for rel, data in tree_bytes(out).items() if not rel.startswith("report/")}  # the HTML report

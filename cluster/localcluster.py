@@ -171,6 +171,9 @@ class LocalRayCluster:
             "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_health_check_period_ms": str(period_ms), "RAY_health_check_timeout_ms": str(period_ms),
             "RAY_health_check_failure_threshold": "3",
+            # HOME is the cluster's own (its token stays out of the user's ~/.ray), but the caches stay the
+            # user's: matplotlib would otherwise rebuild its font list in every run's plotting worker.
+            "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
         }
         self.node_env.pop("RAY_ADDRESS", None)
         self._sessions: dict[int, int] = {}  # node index -> session id of its `ray start`
@@ -196,7 +199,9 @@ class LocalRayCluster:
 
     def _ray_start(self, index: int, args: list[str], attempts: int = 3) -> None:
         """`ray start` in a session of its own. Ray gives a node 30 s to register with the GCS, which an
-        overloaded machine can miss: the node's leftovers are stopped and it is started once more."""
+        overloaded machine can miss while the node's raylet goes on and registers a little later: a
+        worker node counts as started once the head sees it alive. Otherwise the node's leftovers are
+        stopped and it is started once more."""
         (self.workdir / "home").mkdir(parents=True, exist_ok=True)
         for attempt in range(1, attempts + 1):
             with open(self.workdir / f"node-{index}.log", "ab") as log:
@@ -205,6 +210,12 @@ class LocalRayCluster:
             self._sessions[index] = proc.pid
             if proc.wait(timeout=180) == 0:
                 return
+            if index > 0 and self.node_pids(index):
+                try:  # every node we run, this one included
+                    self.wait_for_nodes(len(self._sessions), timeout_s=60.0)
+                    return
+                except RuntimeError:
+                    pass
             stop_session(self._sessions.pop(index))
         raise RuntimeError(f"ray start of node {index} failed {attempts} times: {self.log_tail(index)}")
 

@@ -47,7 +47,9 @@ def test_pretrain_one_worker_per_node_on_s3_survives_node_loss_then_finetune_eva
             "log.eval_batches": 1, "log.eval_batch_size": 4, "checkpoint.every_steps": 4, "checkpoint.keep": 2,
             "scaling.num_workers": 2, "scaling.max_failures": 2}
     command = [sys.executable, "-m", "cluster", "pretrain", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
-    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+    # No preemption watcher (one actor process less): nodes here are killed, never drained.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    proc = subprocess.Popen(command, env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # SIGKILL the second node (raylet and its training worker) once a step checkpoint is on s3://,
     # then start it again: Ray Train restarts the worker group and the run resumes from s3://.

@@ -230,6 +230,16 @@ class LocalRayCluster:
         if wait:  # the nodes we run: a node killed just now counts once the head has noticed its death
             self.wait_for_nodes(len(self._sessions))
 
+    def restore(self) -> None:
+        """Start again every worker node that is not running, and wait until all `num_nodes` are alive."""
+        for index in range(1, self.num_nodes):
+            if index in self._sessions and self.node_pids(index):
+                continue
+            if index in self._sessions:  # its processes are gone: whatever is left of the session goes too
+                stop_session(self._sessions.pop(index))
+            self._ray_start(index, [f"--address={self.address}"])
+        self.wait_for_nodes(self.num_nodes)
+
     def node_pids(self, index: int) -> list[int]:
         sid = self._sessions.get(index)
         return session_pids(sid) if sid is not None else []

@@ -23,11 +23,11 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 import ray
-import ray.train
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from data_pipeline import ALLOCATOR_ENV
+
+# Ray Train (and through it torch, seconds to import) is imported where a trainer runs, not here:
+# `ray_session` also serves `megaclass ingest`, whose driver and Ray workers never need torch.
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ def _plain(value: Any) -> Any:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: call the training function, report its summary last."""
+    import ray.train
+
     for name, value in WORKER_ENV.items():
         os.environ.setdefault(name, value)
     fn = _resolve(config["train_fn_name"])
@@ -105,6 +107,9 @@ def run_torch_trainer(train_fn_name: str, cfg_dict: dict[str, Any], *, num_worke
     as many workers as the cluster can hold, between min_workers and num_workers; the training function
     sees the world size it got and keeps its global batch (pretrain: scaling.min_workers).
     """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     _resolve(train_fn_name)  # fail here, not in every worker
     storage_path = storage_url if "://" in storage_url else os.path.abspath(storage_url)
     trainer = TorchTrainer(

@@ -30,15 +30,17 @@ import math
 import posixpath
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
 from data_pipeline.source import SOURCE_SCHEMA, SourceError, row_keys
+
+if TYPE_CHECKING:  # torch is imported by the reader side only: ingest workers never pay its seconds
+    import torch
 
 TASK = "detection"
 OBJECTS_COLUMN = "objects"        # per row: JSON list of {"id", "bbox" [x, y, w, h], "class_id", "iscrowd"}
@@ -296,6 +298,8 @@ def scale_objects(objects_json: str, *, original_size: tuple[int, int], stored_s
 
 def read_targets(meta: dict) -> dict[str, torch.Tensor]:
     """Boxes (float32 [N, 4] xyxy, stored px), labels (int64 class ids), iscrowd (uint8) of a sample json."""
+    import torch
+
     boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
     labels = torch.tensor(meta["labels"], dtype=torch.int64)
     crowd = torch.tensor(meta.get("iscrowd", [0] * len(labels)), dtype=torch.uint8)
@@ -319,6 +323,8 @@ class DetectionDecoder:
         self.num_classes = num_classes
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, dict]:
+        import torch
+
         meta = json.loads(sample["json"])
         target = read_targets(meta)
         if self.num_classes is not None and len(target["labels"]) and not (

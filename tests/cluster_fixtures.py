@@ -43,5 +43,7 @@ def s3_env(s3_server, monkeypatch):
 
 @pytest.fixture
 def cluster_env(s3_server, two_nodes, monkeypatch):
-    """What a user sets to work against the cluster and the bucket (RAY_ADDRESS, RAY_AUTH_TOKEN, AWS_*)."""
+    """What a user sets to work against the cluster and the bucket (RAY_ADDRESS, RAY_AUTH_TOKEN, AWS_*).
+    Both nodes are alive when the test starts, whatever an earlier test left behind."""
+    two_nodes.restore()
     return _apply({**s3_server.env, **two_nodes.env}, monkeypatch)

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from cluster.cli import main
+from cluster.localcluster import running_task
 from data_pipeline.config import replace
 from data_pipeline.ingest import IngestConfig, finalize, plan_shards, write_shard
 from tests.http_server import LoopbackServer
@@ -65,16 +66,6 @@ def slow_source(tmp_path_factory):
         yield str(tmp / "src.parquet"), str(tmp / "reference")
 
 
-def running_shard_task(pids: list[int]) -> bool:
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_write_shard_task"):
-                return True
-        except OSError:
-            continue  # ended while we looked
-    return False
-
-
 @pytest.mark.slow
 def test_ingest_on_two_nodes_to_s3_survives_node_loss_and_driver_crash(slow_source, s3_server, two_nodes,
                                                                          cluster_env, capsys):
@@ -86,7 +77,7 @@ def test_ingest_on_two_nodes_to_s3_survives_node_loss_and_driver_crash(slow_sour
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # 1. SIGKILL the second node (raylet, workers, agents) while it runs a shard task: the tasks ran on it.
     deadline = time.monotonic() + 600
-    while not running_shard_task(two_nodes.node_pids(1)):
+    while not running_task(two_nodes.node_pids(1), "_write_shard_task"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
         time.sleep(0.02)
     assert two_nodes.kill_node(1)
@@ -95,7 +86,7 @@ def test_ingest_on_two_nodes_to_s3_survives_node_loss_and_driver_crash(slow_sour
     while committed() < at_kill + 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
         time.sleep(0.05)
-    assert two_nodes.alive_nodes() == 1
+    two_nodes.wait_for_nodes(1)  # the head notices the loss within a few health checks
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the ingest ended before the driver could be killed"
     assert committed() < NUM_ROWS // SHARD_SIZE and not fresh_s3().exists(out + "/manifest.json")

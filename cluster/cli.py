@@ -23,22 +23,29 @@ COMMAND_MODULES = (
 )
 
 
-def _load_commands() -> list:
+def _load_commands(only: str | None = None) -> list:
+    """The subcommand modules; just `only`'s when it names one (each module imports what it needs,
+    and some of them torch: `megaclass ingest` should not wait seconds for the others)."""
+    names = COMMAND_MODULES
+    if only is not None:
+        names = [name for name in COMMAND_MODULES if name == only or (only == "cluster" and name == "cluster_render")]
     modules = []
-    for name in COMMAND_MODULES:
+    for name in names:
         try:
             modules.append(importlib.import_module(f"cluster.commands.{name}"))
         except ModuleNotFoundError as exc:
             if exc.name != f"cluster.commands.{name}":
                 raise
-    return modules
+    return modules if modules or only is None else _load_commands()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the subcommand it names is loaded (all of them otherwise)."""
     parser = argparse.ArgumentParser(prog="megaclass", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _load_commands():
+    words = [a for a in (argv or []) if not a.startswith("-")]
+    for module in _load_commands(words[0] if words else None):
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -46,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -26,6 +26,9 @@ import ray
 
 from data_pipeline import ALLOCATOR_ENV
 
+# Ray Train (and through it torch, seconds to import) is imported where a trainer runs, not here:
+# `ray_session` also serves `megaclass ingest`, whose driver and Ray workers never need torch.
+
 log = logging.getLogger(__name__)
 
 # The environment of every Ray worker: the allocator settings (data_pipeline.ALLOCATOR_ENV).
@@ -104,8 +107,6 @@ def run_torch_trainer(train_fn_name: str, cfg_dict: dict[str, Any], *, num_worke
     as many workers as the cluster can hold, between min_workers and num_workers; the training function
     sees the world size it got and keeps its global batch (pretrain: scaling.min_workers).
     """
-    # Ray Train (and with it torch) is imported here, not with the module: ingestion's Ray tasks
-    # import this module too, and each of their worker processes would pay for it.
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

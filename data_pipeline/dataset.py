@@ -153,14 +153,25 @@ def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> ShardRecord:
 
     The tar is assembled in memory (a shard is bounded by `--shard-size`) and then committed with
     one atomic write, so a killed writer never leaves a partial shard under the final name.
+    Members are laid out as webdataset's TarWriter lays them out (KEY.EXT in sorted extension
+    order, mode 0444, owner bigdata, mtime SHARD_MTIME), with plain `tarfile`: importing
+    webdataset imports torch, seconds in every ingest worker for nothing a tar needs.
     """
-    import webdataset as wds
+    import tarfile
 
     buf = io.BytesIO()
     count = 0
-    with wds.TarWriter(buf, mtime=SHARD_MTIME) as sink:
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
         for sample in samples:
-            sink.write(sample)
+            key = sample["__key__"]
+            for ext in sorted(sample):
+                if ext.startswith("_"):
+                    continue
+                value = sample[ext]
+                member = tarfile.TarInfo(f"{key}.{ext}")
+                member.size, member.mtime, member.mode = len(value), SHARD_MTIME, 0o444
+                member.uname = member.gname = "bigdata"
+                tar.addfile(member, io.BytesIO(value))
             count += 1
     data = buf.getvalue()
     atomic_write_bytes(url, data)

@@ -39,7 +39,7 @@ from PIL import Image
 
 from data_pipeline.source import SOURCE_SCHEMA, SourceError, row_keys
 
-if TYPE_CHECKING:  # torch is imported where the reader uses it: ingest workers never load it
+if TYPE_CHECKING:  # torch is imported by the reader side only: ingest workers never pay its seconds
     import torch
 
 TASK = "detection"

@@ -325,6 +325,9 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     index = pa.Table.from_pydict(records, schema=dataset.INDEX_SCHEMA)
     for name in task.keep_columns:  # kept source columns, typed as in the source
         index = index.append_column(task.rows.schema.field(name), task.rows.column(name))
+    if box_counts is not None:  # detection: each row's boxes, so `--retry-failed` can build its sample later
+        for name in (detection.OBJECTS_COLUMN, detection.IMAGE_ID_COLUMN):
+            index = index.append_column(task.rows.schema.field(name), task.rows.column(name))
     meta = {"fingerprint": task.fingerprint, "shard": dataclasses.asdict(shard) if shard else None}
     if box_counts is not None:
         meta["box_counts"] = box_counts.as_dict()

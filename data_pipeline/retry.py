@@ -9,6 +9,10 @@ that had fetched them the first time would have written) and written atomically,
 part. Parts without such rows, and their shards, are not touched. Last, classes.parquet,
 manifest.json (with the pass recorded under `retry_passes`) and _info.json are rewritten. An
 interrupted pass is completed by running it again.
+
+Detection datasets work the same way: their index parts carry each row's COCO objects and image
+id, from which a newly fetched image's boxes are scaled into its sample exactly as the first run
+would have; the part's box counts and the manifest's `detection` block are updated with them.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def _retry_part(out_url: str, part_url: str, index: pa.Table, mask: np.ndarray, 
                 keep: list[str], schemes: tuple) -> tuple[pa.Table, int]:
     """The part with its transient rows fetched again; writes the rebuilt shard. Returns (index, recovered)."""
     meta = json.loads((index.schema.metadata or {}).get(PART_META_KEY, b"{}"))
+    # detection: a recovered image adds its boxes to the shard's counts
+    box_counts = detection.BoxCounts.from_dict(meta["box_counts"]) if "box_counts" in meta else None
     rows = index.to_pylist()
     split = rows[0]["split"]
     old_shard = dataset.ShardRecord(**meta["shard"]) if meta.get("shard") else None
@@ -69,6 +75,8 @@ def _retry_part(out_url: str, part_url: str, index: pa.Table, mask: np.ndarray, 
                 sample_meta = {"url": row["url"], "label": row["label"], "width": image.original_width,
                                "height": image.original_height}
                 sample_meta.update({name: json_value(row[name]) for name in keep})
+                if box_counts is not None:
+                    sample_meta.update(detection.sample_fields(row, image, box_counts))
                 samples.append(dataset.encode_sample(row["key"], image.jpg, row["class_id"], sample_meta))
                 continue
         if row["status"] == "ok":
@@ -86,6 +94,8 @@ def _retry_part(out_url: str, part_url: str, index: pa.Table, mask: np.ndarray, 
         shard = None
     new_index = pa.Table.from_pylist(rows, schema=index.schema.remove_metadata())
     meta["shard"] = dataclasses.asdict(shard) if shard else None
+    if box_counts is not None:
+        meta["box_counts"] = box_counts.as_dict()
     new_index = new_index.replace_schema_metadata({PART_META_KEY: json.dumps(meta, sort_keys=True).encode()})
     dataset.atomic_write_table(part_url, new_index)
     return new_index, recovered
@@ -107,8 +117,13 @@ def _part_split(out_url: str, name: str) -> str:
 def retry_failed(out_url: str, cfg: IngestConfig) -> dict[str, Any]:
     """Re-fetch the transient failures of the finished dataset at `out_url`; returns the pass record."""
     manifest = dataset.read_manifest(out_url)
-    if manifest.get("task") == detection.TASK:
-        raise ConfigError(f"--retry-failed {out_url}: detection datasets are not supported; re-ingest instead")
+    is_detection = manifest.get("task") == detection.TASK
+    if is_detection and manifest["index"]:
+        with fsspec.open(dataset.join(out_url, manifest["index"][0]), "rb") as f:
+            if detection.OBJECTS_COLUMN not in pq.read_schema(f).names:
+                raise ConfigError(f"--retry-failed {out_url}: its index parts have no '{detection.OBJECTS_COLUMN}' "
+                                  "column (written by an older megaclass), so the boxes of a recovered image are "
+                                  "unknown; re-ingest instead")
     options = manifest.get("options", {})
     keep = list(options.get("source", {}).get("keep_columns", []))
     schemes = tuple(options.get("fetch", {}).get("allow_schemes", ["http", "https"]))
@@ -117,6 +132,7 @@ def retry_failed(out_url: str, cfg: IngestConfig) -> dict[str, Any]:
     totals: dict[str, dict] = {}
     shards: dict[str, list[dataset.ShardRecord]] = {split: [] for split in manifest["splits"]}
     retried = recovered = rewritten = 0
+    split_box_counts: list[tuple[str, dict | None]] = []
     for name in manifest["index"]:
         part_url = dataset.join(out_url, name)
         with fsspec.open(part_url, "rb") as f:
@@ -132,8 +148,13 @@ def retry_failed(out_url: str, cfg: IngestConfig) -> dict[str, Any]:
         if meta.get("shard"):
             shards.setdefault(split, []).append(dataset.ShardRecord(**meta["shard"]))
         _add_totals(totals.setdefault(split, {"rows": 0, "ok": 0, "failed": 0, "skipped": 0, "reasons": {}}), index)
-        ok = pc.equal(index.column("status"), "ok")
-        np.add.at(counts, index.column("class_id").filter(ok).to_numpy().astype(np.int64), 1)
+        if is_detection:  # a class counts its boxes
+            split_box_counts.append((split, meta.get("box_counts")))
+            ids, numbers = detection.class_counts(meta.get("box_counts") or {"class_counts": {}})
+            np.add.at(counts, np.asarray(ids, dtype=np.int64), np.asarray(numbers, dtype=np.int64))
+        else:
+            ok = pc.equal(index.column("status"), "ok")
+            np.add.at(counts, index.column("class_id").filter(ok).to_numpy().astype(np.int64), 1)
 
     for split in shards:
         shards[split].sort(key=lambda r: r.name)
@@ -149,6 +170,8 @@ def retry_failed(out_url: str, cfg: IngestConfig) -> dict[str, Any]:
     manifest["splits"] = {split: {"num_samples": sum(s.num_samples for s in records),
                                   "shards": [dataclasses.asdict(s) for s in records]}
                           for split, records in shards.items()}
+    if is_detection:
+        manifest.update(detection.manifest_fields(split_box_counts, list(manifest["splits"])))
     manifest["retry_passes"] = manifest.get("retry_passes", []) + [record]
     dataset.atomic_write_json(dataset.join(out_url, dataset.MANIFEST_FILE), manifest)
     dataset.write_info(out_url, manifest["name"], shards)

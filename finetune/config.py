@@ -81,13 +81,20 @@ class FinetuneLogSection(LogSection):
 
 
 @dataclass(frozen=True)
-class FinetuneSection:
+class SourceSection:
+    """The `finetune` section every fine-tuning task has: which checkpoint, how, and the scratch baseline."""
     checkpoint_url: str = doc("source checkpoint dir (contract 2); registry URIs are resolved by the CLI", "")
     source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
                           "set by the CLI", "")
+    mode: str = doc("how the source weights train (the task's section says which modes it has)", "full")
+    scratch: bool = doc("random init of the checkpoint's architecture (which then gives architecture and "
+                        "preprocessing only; same data and budget): the baseline that shows what pretraining "
+                        "is worth (--scratch)", False)
+
+
+@dataclass(frozen=True)
+class FinetuneSection(SourceSection):
     mode: Literal["full", "linear", "lp-ft"] = doc("full fine-tune | linear probe (frozen backbone) | linear probe then full", "full")
-    scratch: bool = doc("random init of the checkpoint's architecture (same preprocessing, data and budget): "
-                        "the baseline that shows what pretraining is worth (--scratch)", False)
     lp_steps: int = doc("lp-ft: linear-probe steps before the full fine-tune; 0 = lp_epochs", 0, ge=0)
     lp_epochs: int = doc("lp-ft: linear-probe epochs when lp_steps is 0", 1, ge=1)
     lp_lr: float = doc("learning rate of the linear probe (mode linear and phase 1 of lp-ft); 0 = optim.lr x 10",
@@ -95,25 +102,31 @@ class FinetuneSection:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneSections:
+    """The sections of every fine-tuning task's config; a task replaces model, optim and finetune with its own."""
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
     train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
-    loss: LossSection = field(default_factory=LossSection)
     checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     log: FinetuneLogSection = field(default_factory=FinetuneLogSection)
+    finetune: SourceSection = field(default_factory=SourceSection)
+
+    def check_runnable(self) -> None:
+        """The fields a run needs that may be left empty in a YAML template."""
+        require(bool(self.finetune.checkpoint_url), "finetune.checkpoint_url", "required (--checkpoint)")
+        require(bool(self.data.url), "data.url", "required (--train)")
+        require(bool(self.checkpoint.url), "checkpoint.url", "required: the run dir (--out or --set checkpoint.url=DIR)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(FinetuneSections):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    loss: LossSection = field(default_factory=LossSection)
 
     def validate(self) -> None:
         # Sections validate themselves; this checks what spans sections, before any work starts.
         if self.loss.mixup > 0 or self.loss.cutmix > 0:
             require(self.train.global_batch_size % 2 == 0, "train.global_batch_size",
                     "must be even when loss.mixup or loss.cutmix is on (timm Mixup pairs samples)")
-
-    def check_runnable(self) -> None:
-        """The fields a run needs that may be left empty in a YAML template."""
-        require(bool(self.finetune.checkpoint_url), "finetune.checkpoint_url", "required (--checkpoint)")
-        require(bool(self.data.url), "data.url", "required (--train)")
-        require(bool(self.checkpoint.url), "checkpoint.url", "required: the run dir (--set checkpoint.url=DIR)")

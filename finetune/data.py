@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 import pyarrow.parquet as pq
 import torch
 
 from data_pipeline.dataset import (DatasetError, INDEX_DIR, MANIFEST_FILE, class_names, exists, join,
-                                   read_classes, read_manifest)
+                                   read_classes, read_manifest, split_shards)
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +78,32 @@ def resolve_dataset(url: str, cache_url: str = "") -> str:
 
 def ingest_image_folder(root: str, out_url: str, *, image_size: int = 256) -> None:
     """Ingest ROOT/<class>/<image> into a dataset at `out_url`, every image in one 'train' split.
-
-    Runs the ingest module's three pure steps in this process (finetune may not import cluster/,
-    and a downstream folder is small). Non-images are recorded in the index as failed rows; the
-    dataset counts as present only once manifest.json, written last, exists.
-    """
-    from data_pipeline.config import from_dict
-    from data_pipeline.ingest import IngestConfig, IngestError, finalize, plan_shards, write_shard
-
-    cfg = from_dict(IngestConfig, {"image": {"image_size": image_size}, "fetch": {"threads": 4},
-                                   "output": {"name": Path(root).name or "folder"},
-                                   "runtime": {"progress": False}})
-    plan = plan_shards(root, out_url, cfg)
-    results = [write_shard(plan.task(i), cfg) for i in range(plan.num_tasks)]
-    try:
-        manifest = finalize(plan, results, cfg)
-    except IngestError as exc:
-        raise DatasetError(f"image folder {root}: {exc}") from None
+    Non-images are recorded in the index as failed rows."""
+    manifest = ingest_here(root, out_url, name=Path(root).name or "folder", image_size=image_size,
+                           what="image folder")
     totals = manifest.get("totals", {})
     failed = sum(t.get("failed", 0) + t.get("skipped", 0) for t in totals.values())
     if failed:
         log.warning("image folder %s: %d file(s) not usable, recorded in %s/index (e.g. not an image)",
                     root, failed, out_url)
+
+
+def ingest_here(source: str, out_url: str, *, name: str, image_size: int, what: str) -> dict:
+    """Ingest `source` (an image folder, a COCO JSON) into a one-split ('train') dataset at `out_url`
+    with the ingest module's three pure steps, in this process (finetune may not import cluster/, and
+    downstream data is small); returns the manifest. The dataset counts as present only once
+    manifest.json, written last, exists. An ingest failure is a DatasetError naming `what` and `source`."""
+    from data_pipeline.config import from_dict
+    from data_pipeline.ingest import IngestConfig, IngestError, finalize, plan_shards, write_shard
+
+    cfg = from_dict(IngestConfig, {"image": {"image_size": image_size}, "fetch": {"threads": 4},
+                                   "output": {"name": name}, "runtime": {"progress": False}})
+    plan = plan_shards(source, out_url, cfg)
+    results = [write_shard(plan.task(i), cfg) for i in range(plan.num_tasks)]
+    try:
+        return finalize(plan, results, cfg)
+    except IngestError as exc:
+        raise DatasetError(f"{what} {source}: {exc}") from None
 
 
 def pick_split(dataset_url: str, preferred: str) -> str:
@@ -158,3 +164,35 @@ def label_map(source_names: list[str], target_names: list[str], what: str) -> to
         shown = ", ".join(missing[:20]) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
         raise DatasetError(f"{what}: {len(missing)} class(es) not among the {len(target_names)} known ones: {shown}")
     return torch.tensor([index[name] for name in source_names], dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The data of a fine-tuning run, resolved: datasets, splits, classes and sizes."""
+    train_url: str
+    train_split: str
+    val_url: str
+    val_split: str
+    class_names: list[str]
+    val_targets: torch.Tensor  # val class id -> train class id
+    num_train_samples: int
+    num_val_samples: int
+
+
+def plan_data(train_url: str, val_url: str, *, train_split: str, train_classes: Callable[[str, str], list[str]],
+              no_val_split: Exception, what: str) -> DataPlan:
+    """The splits, classes and sizes of resolved datasets; an empty `val_url` means the train dataset's
+    'val' split (`no_val_split` is raised when it has none). `train_classes(url, split)` gives the class
+    names; the validation classes are matched to them by name (`what` names the pair in an error)."""
+    train_split = pick_split(train_url, train_split)
+    if val_url:
+        val_split = pick_split(val_url, "val")
+    elif "val" in read_manifest(train_url).get("splits", {}):
+        val_url, val_split = train_url, "val"
+    else:
+        raise no_val_split
+    names = train_classes(train_url, train_split)
+    targets = label_map(class_names(val_url), names, what)
+    return DataPlan(train_url, train_split, val_url, val_split, names, targets,
+                    sum(n for _, n in split_shards(train_url, train_split)),
+                    sum(n for _, n in split_shards(val_url, val_split)))

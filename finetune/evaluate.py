@@ -14,6 +14,7 @@ import logging
 import posixpath
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -115,17 +116,44 @@ def confusion_png(confusion: torch.Tensor, row_names: list[str], col_names: list
     return buf.getvalue()
 
 
+class EvalData(NamedTuple):
+    dataset_url: str
+    split: str
+    class_names: list[str]
+    targets: torch.Tensor  # data class id -> model class id
+
+
+def evaluation_data(data_url: str, model_url: str, model_names: list[str], *, split: str, cache_url: str,
+                    resolve: Callable[[str, str], str] = resolve_dataset) -> EvalData:
+    """The dataset behind `data_url` (`resolve` ingests what needs it), its split, and its classes
+    matched to the model's by name (a class the model does not know is a DatasetError)."""
+    dataset_url = resolve(data_url, cache_url)
+    split = pick_split(dataset_url, split)
+    names = class_names(dataset_url)
+    return EvalData(dataset_url, split, names, label_map(names, model_names, f"{data_url} (vs the classes of {model_url})"))
+
+
+def eval_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def lowest_per_class(per_class: dict[str, dict], key: str, what: str, fmt: str, count: int = 5) -> list[str]:
+    """One line naming the `count` classes with the lowest `key` (None = not scored), or none."""
+    scored = sorted((v[key], name) for name, v in per_class.items() if v[key] is not None)
+    if not scored:
+        return []
+    return [f"lowest per-class {what}: " + ", ".join(f"{name} {value:{fmt}}" for value, name in scored[:count])]
+
+
 def evaluate(model_url: str, data_url: str, *, split: str = "val", out_dir: str | None = None,
              batch_size: int = 64, num_workers: int = 2, image_size: int = 0, cache_url: str = "",
              device: str | None = None) -> dict:
     """Score `model_url` on `data_url`; returns (and, with out_dir, writes) the JSON report."""
     model, ckpt = load_model(model_url)
-    dataset_url = resolve_dataset(data_url, cache_url)
-    split = pick_split(dataset_url, split)
-    data_names = class_names(dataset_url)
-    targets = label_map(data_names, ckpt.class_names, f"{data_url} (vs the classes of {model_url})")
+    dataset_url, split, data_names, targets = evaluation_data(data_url, model_url, ckpt.class_names, split=split,
+                                                              cache_url=cache_url)
     size, _, mean, std = preprocessing(ckpt.pretrained_cfg, image_size)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = eval_device(device)
     model.to(dev)
     loader = create_loader(dataset_url, split, batch_size_per_rank=batch_size, num_workers=num_workers,
                            transform=checkpoint_eval_transform(ckpt.pretrained_cfg, image_size), shuffle=False,
@@ -169,9 +197,6 @@ def build_report(result: EvalResult, data_names: list[str], model_names: list[st
 
 def format_report(report: dict) -> str:
     """A short human-readable summary for the CLI."""
-    lines = [f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  ({report['num_samples']} images, "
-             f"{report['num_classes']} classes, {report['title']})"]
-    worst = sorted((v["accuracy"], name) for name, v in report["per_class"].items() if v["accuracy"] is not None)
-    if worst:
-        lines.append("lowest per-class accuracy: " + ", ".join(f"{n} {a:.2f}" for a, n in worst[:5]))
-    return "\n".join(lines)
+    return "\n".join([f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  ({report['num_samples']} images, "
+                      f"{report['num_classes']} classes, {report['title']})",
+                      *lowest_per_class(report["per_class"], "accuracy", "accuracy", ".2f")])

@@ -14,7 +14,6 @@ a contract-2 checkpoint. Resumes from the newest RUN/step-*/ when one exists.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from contextlib import nullcontext
@@ -23,18 +22,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
-from data_pipeline.dataset import class_names, manifest_sha256, read_manifest, split_shards
+from data_pipeline.config import ConfigError, from_dict
 from data_pipeline.reader import create_loader
 from data_pipeline.transforms import create_random_erasing, normalize
 from finetune.config import FinetuneConfig
-from finetune.data import check_train_classes, label_map, pick_split, resolve_dataset
+from finetune.data import DataPlan, check_train_classes, plan_data, resolve_dataset
 from finetune.evaluate import preprocessing, run_eval
+from finetune.loop import (check_arch, check_resumable, checkpoint_block, optimizer_step, rank0_first, resume_state,
+                           run_main, save_model, save_step, start_ranks, wrap_ddp)
 from finetune.model import create_finetune_model, set_backbone_frozen, set_train_mode
 from finetune.plan import Phase, eval_cadence, fit_batch_to_data, loader_workers, plan_phases, resolve_optim
-from finetune.train_state import read_state, state_writer
-from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
-from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from finetune.train_state import state_writer
+from pretrain.checkpoint import load_checkpoint, verify_checkpoint
+from pretrain.dist import DistInfo, barrier, broadcast_object
 from pretrain.rundir import BEST_EVAL_TOP1, EVAL_TOP1, EVAL_TOP5, EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
@@ -45,44 +45,17 @@ def _broadcast(values: list[float], dist: DistInfo) -> list[float]:
     return broadcast_object(values, dist)
 
 
-@dataclass(frozen=True)
-class DataPlan:
-    train_url: str
-    train_split: str
-    val_url: str
-    val_split: str
-    class_names: list[str]
-    val_targets: torch.Tensor  # val class id -> train class id
-    num_train_samples: int
-    num_val_samples: int
-
-
 def prepare_data(cfg: FinetuneConfig, ranks) -> DataPlan:
     """Resolve (ingest) the data and match val classes to train classes. Rank 0 ingests first."""
     d = cfg.data
 
     def resolve() -> tuple[str, str]:
-        train_url = resolve_dataset(d.url, d.cache_url)
-        return train_url, (resolve_dataset(d.val_url, d.cache_url) if d.val_url else train_url)
+        return resolve_dataset(d.url, d.cache_url), (resolve_dataset(d.val_url, d.cache_url) if d.val_url else "")
 
-    # Rank 0 ingests image folders; the others then find them in the cache.
-    if ranks.is_main:
-        train_url, val_url = resolve()
-    barrier(ranks)
-    if not ranks.is_main:
-        train_url, val_url = resolve()
-    train_split = pick_split(train_url, d.train_split)
-    if d.val_url:
-        val_split = pick_split(val_url, "val")
-    else:
-        if "val" not in read_manifest(train_url).get("splits", {}):
-            raise ConfigError(f"data.val_url: required, {d.url} has no 'val' split (--val DATA)")
-        val_split = "val"
-    names = check_train_classes(train_url, train_split)
-    targets = label_map(class_names(val_url), names, f"validation data {d.val_url or d.url} (vs train {d.url})")
-    num_train = sum(n for _, n in split_shards(train_url, train_split))
-    num_val = sum(n for _, n in split_shards(val_url, val_split))
-    return DataPlan(train_url, train_split, val_url, val_split, names, targets, num_train, num_val)
+    train_url, val_url = rank0_first(resolve, ranks)  # image folders are ingested once
+    return plan_data(train_url, val_url, train_split=d.train_split, train_classes=check_train_classes,
+                     no_val_split=ConfigError(f"data.val_url: required, {d.url} has no 'val' split (--val DATA)"),
+                     what=f"validation data {d.val_url or d.url} (vs train {d.url})")
 
 
 def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
@@ -91,13 +64,8 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DataPlan]:
     DatasetError / ConfigError. Returns `cfg` fitted to the data (a batch larger than the data becomes the
     data, with a notice)."""
     cfg.check_runnable()
-    config = verify_checkpoint(cfg.finetune.checkpoint_url)
-    if cfg.model.arch and cfg.model.arch != config["architecture"]:
-        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {config['architecture']!r}")
-    latest = latest_checkpoint(cfg.checkpoint.url)
-    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
-        verify_checkpoint(latest)
-        read_state(latest, STATE_COUNTERS)
+    check_arch(cfg.model.arch, verify_checkpoint(cfg.finetune.checkpoint_url)["architecture"])
+    check_resumable(cfg.checkpoint.url, STATE_COUNTERS)
     data = prepare_data(cfg, DistInfo())
     cfg = fit_to_data(cfg, data, cfg.scaling.num_workers)
     plan_phases(cfg, data.num_train_samples // cfg.train.global_batch_size)  # lp_steps leaving nothing for the full phase
@@ -167,29 +135,19 @@ def train_step(model, optimizer, batch, *, cfg: FinetuneConfig, device, mean, st
     with autocast:
         logits = model(images)
     loss = criterion(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.train.grad_clip_norm > 0:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip_norm)
-    optimizer.step()
+    optimizer_step(model, optimizer, loss, cfg.train.grad_clip_norm)
     return float(loss.detach())
 
 
 def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
     """Run the fine-tune described by `cfg`; returns a summary (final_url, best_top1, ...)."""
     cfg.check_runnable()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    ranks = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
-    if cfg.train.global_batch_size % ranks.world_size:
-        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
-                          f"{ranks.world_size} ranks")
+    ranks = start_ranks(cfg, dist)
     if (cfg.loss.mixup or cfg.loss.cutmix) and (cfg.train.global_batch_size // ranks.world_size) % 2:
         raise ConfigError(f"train.global_batch_size: mixup/cutmix needs an even batch per rank, got "
                           f"{cfg.train.global_batch_size} / {ranks.world_size} ranks")
     source = load_checkpoint(cfg.finetune.checkpoint_url)
-    if cfg.model.arch and cfg.model.arch != source.arch:
-        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")
+    check_arch(cfg.model.arch, source.arch)
     data = prepare_data(cfg, ranks)
     cfg = fit_to_data(cfg, data, ranks.world_size)
     model = create_finetune_model(source, len(data.class_names), drop_rate=cfg.model.drop_rate,
@@ -244,12 +202,9 @@ class _Context:
 
 
 def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run_url)
-    if latest is None:
+    state = resume_state(run_url, model, STATE_COUNTERS)
+    if state is None:
         return Progress(), None
-    state = read_state(latest, STATE_COUNTERS)
-    model.load_state_dict(load_checkpoint(latest).state_dict)
-    log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))
     return progress, {"phase": int(state["phase"]), "optimizer": state["optimizer"]}
 
@@ -259,10 +214,7 @@ def _run_phase(ctx: _Context, model: nn.Module, phase: Phase, index: int, progre
     """Train one phase from progress.step to phase.end; True when early stopping ended it."""
     cfg, ranks, run = ctx.cfg, ctx.ranks, ctx.run
     set_backbone_frozen(model, phase.frozen)
-    wrapped = model
-    if ranks.world_size > 1:
-        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = wrap_ddp(model, ranks)
     optimizer, schedule = create_optimizer_and_schedule(cfg, model, phase)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -340,19 +292,6 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
     return bool(cfg.train.patience) and progress.bad_evals >= cfg.train.patience
 
 
-def _megaclass_block(ctx: _Context, progress: Progress, extra: dict | None = None) -> dict:
-    block = {"kind": "finetune", "step": progress.step, "epoch": progress.step // ctx.steps_per_epoch,
-             "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url), "config": to_dict(ctx.cfg),
-             "metrics": {EVAL_TOP1: progress.best_top1, "best_step": progress.best_step},
-             "finetuned_from": {"url": ctx.cfg.finetune.checkpoint_url, "uri": ctx.cfg.finetune.source_uri or
-                                ctx.cfg.finetune.checkpoint_url, "arch": ctx.source.arch,
-                                "step": ctx.source.megaclass.get("step"),
-                                "scratch": ctx.cfg.finetune.scratch},
-             "augmentation": ctx.cfg.data.as_dict()}
-    block.update(extra or {})
-    return block
-
-
 def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extra: dict | None = None,
           write_train_state=None) -> str:
     data = ctx.cfg.data
@@ -360,21 +299,20 @@ def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extr
     pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, ctx.image_size, ctx.image_size],
                           num_classes=len(ctx.data.class_names), crop_pct=data.crop_pct,
                           interpolation=data.interpolation)
-    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return save_checkpoint(url, state_dict=state, arch=ctx.source.arch, num_classes=len(ctx.data.class_names),
-                           class_names=ctx.data.class_names, pretrained_cfg=pretrained_cfg,
-                           megaclass=_megaclass_block(ctx, progress, extra), write_train_state=write_train_state,
-                           model_args=ctx.source.model_args)
+    block = checkpoint_block(ctx.cfg, ctx.source, train_url=ctx.data.train_url, step=progress.step,
+                             steps_per_epoch=ctx.steps_per_epoch,
+                             metrics={EVAL_TOP1: progress.best_top1, "best_step": progress.best_step})
+    block.update({"augmentation": data.as_dict(), **(extra or {})})
+    return save_model(url, state_dict, ctx.source, ctx.data.class_names, pretrained_cfg=pretrained_cfg,
+                      megaclass=block, write_train_state=write_train_state)
 
 
 def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, phase_index: int) -> None:
-    if ctx.ranks.is_main:
-        counters = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
-                    "best_step": progress.best_step, "bad_evals": progress.bad_evals}
-        _save(ctx.run.step_url(progress.step), model.state_dict(), ctx, progress,
-              write_train_state=state_writer(counters, optimizer.state_dict()))
-        ctx.run.prune(ctx.cfg.checkpoint.keep)
-    barrier(ctx.ranks)
+    counters = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
+                "best_step": progress.best_step, "bad_evals": progress.bad_evals}
+    save_step(ctx.run, ctx.ranks, progress.step, ctx.cfg.checkpoint.keep,
+              lambda url: _save(url, model.state_dict(), ctx, progress,
+                                write_train_state=state_writer(counters, optimizer.state_dict())))
 
 
 def finetune_from_dict(cfg_dict: dict, report=None) -> dict:
@@ -383,14 +321,9 @@ def finetune_from_dict(cfg_dict: dict, report=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = finetune(load_config(FinetuneConfig, args.config, args.overrides))
-    print(f"final model: {summary['final_url']} (val top-1 {summary['best_top1']:.4f} at step {summary['best_step']})")
-    return 0
+    return run_main(argv, __doc__.splitlines()[0], FinetuneConfig, finetune,
+                    lambda summary: f"final model: {summary['final_url']} (val top-1 {summary['best_top1']:.4f} "
+                                    f"at step {summary['best_step']})")
 
 
 if __name__ == "__main__":

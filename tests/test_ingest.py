@@ -264,3 +264,32 @@ def test_cli_options_layering(tmp_path, capsys):
         command.build_config(parser.parse_args(["s", "o", "--allow-network", "nonsense"]))
     assert main(["ingest", "--list-options"]) == 0 and "fetch.timeout_s" in capsys.readouterr().out
     assert main(["ingest", "--verify", str(tmp_path)]) == 1
+
+
+def test_shard_tar_is_webdataset_layout_byte_for_byte(tmp_path):
+    import random
+
+    import webdataset as wds
+
+    rng = random.Random(0)
+    samples = [dataset.encode_sample(f"{i:09d}", rng.randbytes(rng.randint(0, 3000)), i % 7,
+                                     {"url": f"http://h/\u00e9{i}", "label": "x"}) for i in range(50)]
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=dataset.SHARD_MTIME) as sink:
+        for sample in samples:
+            sink.write(sample)
+    record = dataset.write_shard(str(tmp_path / "s.tar"), samples)
+    assert (tmp_path / "s.tar").read_bytes() == buf.getvalue() and record.num_samples == 50
+    assert [s["__key__"] for s in dataset.iter_shard(str(tmp_path / "s.tar"))] == [s["__key__"] for s in samples]
+
+
+def test_ingest_command_and_shard_writer_import_no_torch():
+    """`megaclass ingest` and its Ray workers start in a fraction of a second, not torch's seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cluster.cli import build_parser\nbuild_parser(['ingest', 'a', 'b'])\n"
+            "import cluster.ingest_runner, data_pipeline.ingest, data_pipeline.retry\n"
+            "print(sorted(m for m in ('torch', 'webdataset', 'timm') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,32 +1,24 @@
 """Job submission: the entrypoint we build, and real jobs on a real token-authenticated Ray head.
 
-The head is started by the test on 127.0.0.1 (`ray start --head`, Ray 2.60, RAY_AUTH_MODE=token) with
-its own HOME and temp dir, and torn down by signalling exactly the processes of its session.
+The head is cluster.localcluster's LocalRayCluster with one node: `ray start --head` on 127.0.0.1 with
+RAY_AUTH_MODE=token, its own HOME and temp dir, torn down by signalling exactly the processes of its session.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cluster import jobs
 from cluster.cli import main
+from cluster.localcluster import LocalRayCluster
 from data_pipeline.config import ConfigError
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 
 
 def test_entrypoint_gives_resumable_commands_a_stable_run_dir(tmp_path):
@@ -85,69 +77,11 @@ def test_submit_refuses_bad_input(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", "--name", "../x", "--", "registry", "list"]) == 2
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes in session `sid` (the one `ray start` was started in): the head's processes only."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[3]) == sid and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop_head(sid: int) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in _session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass  # already gone
-        deadline = time.monotonic() + wait_s
-        while _session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A token-authenticated Ray head on 127.0.0.1; yields (dashboard URL, token)."""
-    token = secrets.token_hex(32)
-    home = Path(tempfile.mkdtemp(prefix="mcj-"))  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    dashboard_port = free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           "--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={home / 'ray'}",
-           "--disable-usage-stats"]
-    log = open(home / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        head.wait(timeout=60)
-        request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not come up: {(home / 'head.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield url, token
-    finally:
-        _stop_head(head.pid)
-        log.close()
-        subprocess.run(["rm", "-rf", str(home)], check=False)
+    """A token-authenticated one-node Ray cluster on 127.0.0.1; yields (dashboard URL, token)."""
+    with LocalRayCluster(num_nodes=1) as cluster:
+        yield cluster.dashboard_url, cluster.token
 
 
 def _wait_terminal(client, submission_id: str, timeout_s: float = 60) -> str:

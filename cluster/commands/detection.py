@@ -103,6 +103,8 @@ def run_export(args: argparse.Namespace, model_url: str) -> int:
 
     report = export_detector_onnx(model_url, args.onnx)
     print(f"wrote {report['onnx']} ({report['detector']}, input one image {report['input_size']} in 0..1); parity vs "
-          f"PyTorch on {report['parity_images']} images ({sum(report['detections_per_image'])} detections): max abs "
-          f"box diff {report['max_abs_box_diff']:.3g} px, score diff {report['max_abs_score_diff']:.3g}")
+          f"PyTorch on {report['parity_images']} images: outputs before post-processing within "
+          f"{report['max_raw_diff']:.3g}; {report['compared_detections']} detections compared, max abs box diff "
+          f"{report['max_abs_box_diff']:.3g} px, score diff {report['max_abs_score_diff']:.3g}; "
+          f"{report['tied_detections']} tied at the score threshold or the detections_per_image cut, not compared")
     return 0

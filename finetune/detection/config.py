@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.config import doc, require
-from finetune.config import (FinetuneCheckpointSection, FinetuneDataSection, FinetuneLogSection, FinetuneOptimSection,
-                             FinetuneTrainSection, ScalingSection)
+from finetune.config import FinetuneOptimSection, FinetuneSections, SourceSection
 from finetune.detection.model import DETECTORS
 
 DETECTION_MODES = ("full", "linear")
@@ -51,15 +50,9 @@ class DetectionModelSection:
 
 
 @dataclass(frozen=True)
-class DetectionSourceSection:
-    checkpoint_url: str = doc("source checkpoint dir (contract 2, a classification backbone); registry URIs "
-                              "are resolved by the CLI", "")
-    source_uri: str = doc("the checkpoint as the user named it (e.g. registry://NAME@ALIAS), kept for lineage; "
-                          "set by the CLI", "")
+class DetectionSourceSection(SourceSection):
     mode: Literal["full", "linear"] = doc("full: train everything | linear: freeze the backbone body "
                                           "(FPN and heads train)", "full")
-    scratch: bool = doc("the same detector from random weights (the checkpoint gives architecture and "
-                        "preprocessing only): the baseline of the transfer table", False)
 
     def validate(self) -> None:
         require(self.mode in DETECTION_MODES, "finetune.mode",
@@ -69,21 +62,7 @@ class DetectionSourceSection:
 
 
 @dataclass(frozen=True)
-class DetectionConfig:
-    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+class DetectionConfig(FinetuneSections):
     model: DetectionModelSection = field(default_factory=DetectionModelSection)
     optim: DetectionOptimSection = field(default_factory=DetectionOptimSection)
-    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
-    checkpoint: FinetuneCheckpointSection = field(default_factory=FinetuneCheckpointSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    log: FinetuneLogSection = field(default_factory=FinetuneLogSection)
     finetune: DetectionSourceSection = field(default_factory=DetectionSourceSection)
-
-    def validate(self) -> None:
-        pass
-
-    def check_runnable(self) -> None:
-        """The fields a run needs that may be left empty in a YAML template."""
-        require(bool(self.finetune.checkpoint_url), "finetune.checkpoint_url", "required (--checkpoint)")
-        require(bool(self.data.url), "data.url", "required (--train)")
-        require(bool(self.checkpoint.url), "checkpoint.url", "required: the run dir (--out or --set checkpoint.url=DIR)")

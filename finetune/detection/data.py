@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from dataclasses import dataclass
 
 import fsspec
-import torch
 
-from data_pipeline.dataset import DatasetError, MANIFEST_FILE, class_names, exists, join, split_shards
+from data_pipeline.dataset import DatasetError, MANIFEST_FILE, class_names, exists, join
 from data_pipeline.detection import TASK, dataset_task, is_coco_json
-from finetune.data import default_cache_url, label_map, pick_split
+from finetune.data import DataPlan, default_cache_url, ingest_here, plan_data
 
 log = logging.getLogger(__name__)
 INGEST_IMAGE_SIZE = 256  # px, stored shorter side (boxes are scaled with the image)
@@ -61,18 +59,8 @@ def resolve_detection_dataset(url: str, cache_url: str = "") -> str:
 
 def ingest_coco(json_url: str, out_url: str, *, image_size: int = INGEST_IMAGE_SIZE) -> dict:
     """Ingest a COCO JSON into a one-split ('train') detection dataset at `out_url`; returns the manifest."""
-    from data_pipeline.config import from_dict
-    from data_pipeline.ingest import IngestConfig, IngestError, finalize, plan_shards, write_shard
-
     name = posixpath.splitext(posixpath.basename(json_url.rstrip("/")))[0] or "coco"
-    cfg = from_dict(IngestConfig, {"image": {"image_size": image_size}, "fetch": {"threads": 4},
-                                   "output": {"name": name}, "runtime": {"progress": False}})
-    plan = plan_shards(json_url, out_url, cfg)
-    results = [write_shard(plan.task(i), cfg) for i in range(plan.num_tasks)]
-    try:
-        manifest = finalize(plan, results, cfg)
-    except IngestError as exc:
-        raise DatasetError(f"COCO {json_url}: {exc}") from None
+    manifest = ingest_here(json_url, out_url, name=name, image_size=image_size, what="COCO")
     for split, totals in manifest["totals"].items():
         if totals["failed"] or totals["skipped"]:
             log.warning("COCO %s (%s): %d image(s) not usable (%s), recorded in %s/index", json_url, split,
@@ -84,29 +72,9 @@ def ingest_coco(json_url: str, out_url: str, *, image_size: int = INGEST_IMAGE_S
     return manifest
 
 
-@dataclass(frozen=True)
-class DetectionData:
-    train_url: str
-    train_split: str
-    val_url: str
-    val_split: str
-    class_names: list[str]
-    val_targets: torch.Tensor  # val class id -> train class id
-    num_train_samples: int
-
-
-def prepare_detection_data(train: str, val: str, *, train_split: str, cache_url: str) -> DetectionData:
+def prepare_detection_data(train: str, val: str, *, train_split: str, cache_url: str) -> DataPlan:
     train_url = resolve_detection_dataset(train, cache_url)
-    val_url = resolve_detection_dataset(val, cache_url) if val else train_url
-    train_split = pick_split(train_url, train_split)
-    if val:
-        val_split = pick_split(val_url, "val")
-    else:
-        from data_pipeline.dataset import read_manifest
-        if "val" not in read_manifest(train_url).get("splits", {}):
-            raise DatasetError(f"{train}: has no 'val' split; give validation data (--val COCO.json)")
-        val_split = "val"
-    names = class_names(train_url)
-    targets = label_map(class_names(val_url), names, f"validation data {val or train} (vs train {train})")
-    num_train = sum(n for _, n in split_shards(train_url, train_split))
-    return DetectionData(train_url, train_split, val_url, val_split, names, targets, num_train)
+    val_url = resolve_detection_dataset(val, cache_url) if val else ""
+    return plan_data(train_url, val_url, train_split=train_split, train_classes=lambda url, _: class_names(url),
+                     no_val_split=DatasetError(f"{train}: has no 'val' split; give validation data (--val COCO.json)"),
+                     what=f"validation data {val or train} (vs train {train})")

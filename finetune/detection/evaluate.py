@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.dataset import DatasetError, atomic_write_bytes, atomic_write_json, class_names, join
+from data_pipeline.dataset import DatasetError, atomic_write_bytes, atomic_write_json, join
 from data_pipeline.detection import DetectionDecoder
 from data_pipeline.reader import create_loader
-from finetune.data import label_map, pick_split
+from finetune.evaluate import eval_device, evaluation_data, lowest_per_class
 
 log = logging.getLogger(__name__)
 PNG_IMAGES = 6
@@ -151,11 +151,9 @@ def evaluate_detection(model_url: str, data_url: str, *, split: str = "val", out
     from finetune.detection.model import load_detector
 
     model, ckpt, spec = load_detector(model_url)
-    dataset_url = resolve_detection_dataset(data_url, cache_url)
-    split = pick_split(dataset_url, split)
-    data_names = class_names(dataset_url)
-    targets_map = label_map(data_names, ckpt.class_names, f"{data_url} (vs the classes of {model_url})")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset_url, split, _, targets_map = evaluation_data(data_url, model_url, ckpt.class_names, split=split,
+                                                         cache_url=cache_url, resolve=resolve_detection_dataset)
+    dev = eval_device(device)
     model.to(dev)
     loader = create_loader(dataset_url, split, batch_size_per_rank=batch_size, num_workers=num_workers,
                            decoder=DetectionDecoder(spec.image_size), shuffle=False, drop_last=False)
@@ -177,9 +175,6 @@ def evaluate_detection(model_url: str, data_url: str, *, split: str = "val", out
 
 
 def format_detection_report(report: dict) -> str:
-    lines = [f"mAP {report['map']:.4f}  mAP@.5 {report['map_50']:.4f}  mAP@.75 {report['map_75']:.4f}  "
-             f"({report['num_images']} images, {report['num_boxes']} boxes, split {report['split']})"]
-    scored = sorted((v["ap"], name) for name, v in report["per_class"].items() if v["ap"] is not None)
-    if scored:
-        lines.append("lowest per-class AP: " + ", ".join(f"{n} {a:.3f}" for a, n in scored[:5]))
-    return "\n".join(lines)
+    return "\n".join([f"mAP {report['map']:.4f}  mAP@.5 {report['map_50']:.4f}  mAP@.75 {report['map_75']:.4f}  "
+                      f"({report['num_images']} images, {report['num_boxes']} boxes, split {report['split']})",
+                      *lowest_per_class(report["per_class"], "ap", "AP", ".3f")])

@@ -13,7 +13,6 @@ RUN/step-*/ are resumable, RUN/final/ is the best detector as a contract-2 check
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -23,18 +22,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data_pipeline.config import ConfigError, from_dict, load_config, to_dict
-from data_pipeline.dataset import DatasetError, manifest_sha256
+from data_pipeline.config import from_dict
+from data_pipeline.dataset import DatasetError
 from data_pipeline.detection import DetectionDecoder
 from data_pipeline.reader import create_loader
 from finetune.detection.config import DetectionConfig
-from finetune.detection.data import DetectionData, prepare_detection_data
+from finetune.data import DataPlan
+from finetune.detection.data import prepare_detection_data
 from finetune.detection.evaluate import coco_metrics, run_detection
 from finetune.detection.model import (DetectorSpec, create_detector, set_body_frozen, set_train_mode, to_targets)
 from finetune.evaluate import preprocessing
-from finetune.train_state import read_state, state_writer
-from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from pretrain.dist import DistInfo, barrier, broadcast_object, init_distributed
+from finetune.loop import (check_arch, check_resumable, checkpoint_block, optimizer_step, rank0_first, resume_state,
+                           run_main, save_model, save_step, start_ranks, wrap_ddp)
+from finetune.train_state import state_writer
+from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from pretrain.dist import DistInfo, barrier, broadcast_object
 from pretrain.rundir import EVENT, IMAGES_PER_S, LOSS, LR, RunDir, create_run_dir
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class _Run:
     cfg: DetectionConfig
     ranks: DistInfo
     source: LoadedCheckpoint
-    data: DetectionData
+    data: DataPlan
     spec: DetectorSpec
     run: RunDir
     report: object
@@ -69,18 +71,18 @@ def check_source(cfg: DetectionConfig, source: LoadedCheckpoint) -> None:
     if source.task != "classification":
         raise CheckpointError(f"{source.url}: a {source.task} checkpoint; detection fine-tuning starts from a "
                               "classification backbone checkpoint (pretrain's, or a classification fine-tune's)")
-    if cfg.model.arch and cfg.model.arch != source.arch:
-        raise ConfigError(f"model.arch: {cfg.model.arch!r} differs from the checkpoint's {source.arch!r}")
+    check_arch(cfg.model.arch, source.arch)
 
 
-def check_detection_inputs(cfg: DetectionConfig) -> DetectionData:
+def check_detection_inputs(cfg: DetectionConfig) -> DataPlan:
     """What a launcher checks before starting workers: checkpoint, arch, data (ingesting COCO JSON once)."""
     cfg.check_runnable()
     check_source(cfg, load_checkpoint(cfg.finetune.checkpoint_url))
-    latest = latest_checkpoint(cfg.checkpoint.url)
-    if latest is not None:  # the step checkpoint the workers will resume from: refused here if unsafe
-        load_checkpoint(latest)
-        read_state(latest, STATE_COUNTERS)
+    check_resumable(cfg.checkpoint.url, STATE_COUNTERS)
+    return _prepare_data(cfg)
+
+
+def _prepare_data(cfg: DetectionConfig) -> DataPlan:
     return prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
                                   cache_url=cfg.data.cache_url)
 
@@ -104,32 +106,17 @@ def train_step(model, optimizer, batch, *, cfg: DetectionConfig, device: torch.d
     with autocast:
         losses = model(images, targets)
     loss = sum(v.float() for v in losses.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.train.grad_clip_norm > 0:
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip_norm)
-    optimizer.step()
+    optimizer_step(model, optimizer, loss, cfg.train.grad_clip_norm)
     return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
 def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, report=None) -> dict:
     """Train the detector `cfg` describes; returns a summary (final_url, best_map, ...)."""
     cfg.check_runnable()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    ranks = dist or init_distributed(use_gpu=cfg.scaling.use_gpu)
-    if cfg.train.global_batch_size % ranks.world_size:
-        raise ConfigError(f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
-                          f"{ranks.world_size} ranks")
+    ranks = start_ranks(cfg, dist)
     source = load_checkpoint(cfg.finetune.checkpoint_url)
     check_source(cfg, source)
-    if ranks.is_main:  # rank 0 ingests COCO JSON; the others then find it in the cache
-        data = prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
-                                      cache_url=cfg.data.cache_url)
-    barrier(ranks)
-    if not ranks.is_main:
-        data = prepare_detection_data(cfg.data.url, cfg.data.val_url, train_split=cfg.data.train_split,
-                                      cache_url=cfg.data.cache_url)
+    data = rank0_first(lambda: _prepare_data(cfg), ranks)  # COCO JSON is ingested once
     size, _, mean, std = preprocessing(source.pretrained_cfg, cfg.data.image_size)
     m = cfg.model
     spec = DetectorSpec(m.detector, len(data.class_names), size, m.fpn_channels, m.anchor_scale, m.score_thresh,
@@ -150,10 +137,7 @@ def finetune_detection(cfg: DetectionConfig, dist: DistInfo | None = None, repor
     ctx = _Run(cfg, ranks, source, data, spec, run, report, steps_per_epoch, total)
     frozen = cfg.finetune.mode == "linear"
     set_body_frozen(model, frozen)
-    wrapped = model
-    if ranks.world_size > 1:
-        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = wrap_ddp(model, ranks)
     optimizer, schedule = create_optimizer_and_schedule(cfg, model, total)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -193,7 +177,8 @@ def _train(ctx: _Run, model, wrapped, optimizer, schedule, progress: Progress, f
             if progress.step % cfg.log.every_steps == 0:
                 record = {LOSS: losses["loss"], LR: max(g["lr"] for g in optimizer.param_groups),
                           IMAGES_PER_S: images_seen / (time.perf_counter() - t0)}
-                ctx.run.log(progress.step, record | {f"loss_{k}": v for k, v in losses.items() if k != "loss"})
+                ctx.run.log(progress.step, record | {k if k.startswith("loss_") else f"loss_{k}": v
+                                                    for k, v in losses.items() if k != "loss"})
             every = cfg.train.eval_every_steps
             end_of_epoch = progress.step % ctx.steps_per_epoch == 0
             if (every and progress.step % every == 0) or (not every and end_of_epoch) or progress.step == ctx.total_steps:
@@ -237,12 +222,9 @@ def _validate(ctx: _Run, model: nn.Module, progress: Progress) -> bool:
 
 
 def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
-    latest = latest_checkpoint(run_url)
-    if latest is None:
+    state = resume_state(run_url, model, STATE_COUNTERS)
+    if state is None:
         return Progress(), None
-    state = read_state(latest, STATE_COUNTERS)
-    model.load_state_dict(load_checkpoint(latest).state_dict)
-    log.info("resuming from %s (step %d)", latest, state["step"])
     progress = Progress(int(state["step"]), float(state["best_map"]), int(state["best_step"]), int(state["bad_evals"]))
     return progress, state["optimizer"]
 
@@ -252,28 +234,20 @@ def _save(ctx: _Run, url: str, state_dict: dict, progress: Progress, *, extra: d
     names = ctx.data.class_names
     size = ctx.spec.image_size
     pretrained_cfg = dict(ctx.source.pretrained_cfg, input_size=[3, size, size], num_classes=len(names))
-    ft = ctx.cfg.finetune
-    block = {"kind": "finetune", "task": "detection", "detector": ctx.spec.as_dict(), "step": progress.step,
-             "epoch": progress.step // ctx.steps_per_epoch, "dataset_manifest_sha256": manifest_sha256(ctx.data.train_url),
-             "config": to_dict(ctx.cfg), "metrics": {"eval_map": progress.best_map, "best_step": progress.best_step},
-             "finetuned_from": {"url": ft.checkpoint_url, "uri": ft.source_uri or ft.checkpoint_url,
-                                "arch": ctx.source.arch, "step": ctx.source.megaclass.get("step"),
-                                "scratch": ft.scratch}}
-    block.update(extra or {})
-    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    return save_checkpoint(url, state_dict=state, arch=ctx.source.arch, num_classes=len(names), class_names=names,
-                           pretrained_cfg=pretrained_cfg, megaclass=block, write_train_state=write_train_state,
-                           model_args=ctx.source.model_args)
+    block = checkpoint_block(ctx.cfg, ctx.source, train_url=ctx.data.train_url, step=progress.step,
+                             steps_per_epoch=ctx.steps_per_epoch,
+                             metrics={"eval_map": progress.best_map, "best_step": progress.best_step})
+    block.update({"task": "detection", "detector": ctx.spec.as_dict(), **(extra or {})})
+    return save_model(url, state_dict, ctx.source, names, pretrained_cfg=pretrained_cfg, megaclass=block,
+                      write_train_state=write_train_state)
 
 
 def _save_step(ctx: _Run, model: nn.Module, optimizer, progress: Progress) -> None:
-    if ctx.ranks.is_main:
-        counters = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
-                    "bad_evals": progress.bad_evals}
-        _save(ctx, ctx.run.step_url(progress.step), model.state_dict(), progress,
-              write_train_state=state_writer(counters, optimizer.state_dict()))
-        ctx.run.prune(ctx.cfg.checkpoint.keep)
-    barrier(ctx.ranks)
+    counters = {"step": progress.step, "best_map": progress.best_map, "best_step": progress.best_step,
+                "bad_evals": progress.bad_evals}
+    save_step(ctx.run, ctx.ranks, progress.step, ctx.cfg.checkpoint.keep,
+              lambda url: _save(ctx, url, model.state_dict(), progress,
+                                write_train_state=state_writer(counters, optimizer.state_dict())))
 
 
 def finetune_detection_from_dict(cfg_dict: dict, report=None) -> dict:
@@ -282,14 +256,9 @@ def finetune_detection_from_dict(cfg_dict: dict, report=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = finetune_detection(load_config(DetectionConfig, args.config, args.overrides))
-    print(f"final model: {summary['final_url']} (val mAP {summary['best_map']:.4f} at step {summary['best_step']})")
-    return 0
+    return run_main(argv, __doc__.splitlines()[0], DetectionConfig, finetune_detection,
+                    lambda summary: f"final model: {summary['final_url']} (val mAP {summary['best_map']:.4f} "
+                                    f"at step {summary['best_step']})")
 
 
 if __name__ == "__main__":

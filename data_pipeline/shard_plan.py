@@ -101,11 +101,17 @@ class HashSet:
         return sum(len(r) for r in self.runs)
 
     def contains(self, values: np.ndarray) -> np.ndarray:
+        # Probing with sorted values walks each run forwards (numpy narrows the search from the last hit),
+        # ~10x faster on runs of millions than probing in row order.
+        order = np.argsort(values)
+        ordered = values[order]
         found = np.zeros(len(values), dtype=bool)
         for run in self.runs:
-            at = np.minimum(np.searchsorted(run, values), len(run) - 1)
-            found |= run[at] == values
-        return found
+            at = np.minimum(np.searchsorted(run, ordered), len(run) - 1)
+            found |= run[at] == ordered
+        result = np.empty_like(found)
+        result[order] = found
+        return result
 
     def add(self, values: np.ndarray) -> None:
         if not len(values):
@@ -273,6 +279,7 @@ def plan_shards(source_url: str | list[str], out_url: str, cfg: Any) -> IngestPl
         raise SourceError(f"source {source.name}: zero rows")
     width = key_width(num_rows)
     labels = pa.array([], pa.string())
+    pending: list[pa.Array] = []  # per-part distinct labels, merged when they outgrow the merged set
     key_hashes = HashSet()
     shas, split_bits = [], []
     split_rows = dict.fromkeys(splits, 0)
@@ -287,7 +294,9 @@ def plan_shards(source_url: str | list[str], out_url: str, cfg: Any) -> IngestPl
         n = table.num_rows
         if part == 0:
             keep_types = [table.column(k).type for k in sc.keep_columns]
-        labels = pc.unique(pa.concat_arrays([labels, pc.unique(table.column("label").combine_chunks())]))
+        pending.append(pc.unique(table.column("label").combine_chunks()))
+        if sum(len(a) for a in pending) > max(len(labels), 1 << 20):
+            labels, pending = pc.unique(pa.concat_arrays([labels, *pending])), []
         if source.has_key:
             keys = table.column("key").combine_chunks()
             if not isinstance(source, MemorySource):
@@ -306,6 +315,7 @@ def plan_shards(source_url: str | list[str], out_url: str, cfg: Any) -> IngestPl
             split_rows[splits[1]] += int(held.sum())
         offset += n
     del key_hashes
+    labels = pc.unique(pa.concat_arrays([labels, *pending]))
 
     if source.detection_names is not None:
         names = list(source.detection_names)

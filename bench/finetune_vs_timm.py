@@ -1,6 +1,6 @@
 """Fine-tuning on small real data: `megaclass finetune` with its defaults vs a plain timm + torch loop.
 
-    python bench/finetune_vs_timm.py --workdir /tmp/ftbench            (48 min on a heavily shared 2-core VM)
+    python bench/finetune_vs_timm.py --workdir /tmp/ftbench --seeds 0,1,2   (the recorded run: each row is a mean over seeds)
     python bench/finetune_vs_timm.py --workdir /tmp/ftbench --set data.hflip=0.5   (a non-default, compared)
     python bench/finetune_vs_timm.py --workdir /tmp/ftbench --quick    (wiring only; numbers not meaningful)
 
@@ -26,8 +26,10 @@ from the same fonts plus 100 other synthetic shape classes, timm test_resnet at 
 
 Each row: one dataset, shots per class (3 or 10), init (scratch or the megaclass checkpoint); test
 top-1 of both and the wall-time ratio megaclass / plain (megaclass's includes its validations and
-checkpoint writes; the folder ingest, paid once per folder, is reported apart). Prints the table and
-writes WORKDIR/finetune_vs_timm.json.
+checkpoint writes; the folder ingest, paid once per folder, is reported apart). With several
+`--seeds`, every run is repeated per seed (megaclass `train.seed`, the plain loop's `torch.manual_seed`:
+head init, sample order, augmentation) and a row shows the means and the standard error of the
+per-seed difference. Prints the table and writes WORKDIR/finetune_vs_timm.json.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=300, help="upstream steps of 64 images")
     parser.add_argument("--shots", default="3,10", help="training images per class, comma-separated")
     parser.add_argument("--datasets", default="digits,fonts,shapes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated; each row is the mean over these seeds")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra megaclass finetune option (to compare non-defaults)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the wiring, not the numbers")
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     work = Path(args.workdir)
     shots = tuple(int(s) for s in args.shots.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
     t0 = time.perf_counter()
     upstream, down = build_data(work, shots, args.quick)
     timings = {"data_s": time.perf_counter() - t0}
@@ -278,18 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         for k in shots:
             for init in ("scratch", "pretrained"):
                 scratch = init == "scratch"
-                run = work / "runs" / f"{name}-{k}shot-{init}-{int(time.time())}"
                 d = down[name]
-                mc = run_megaclass(pretrained, str(d[f"train{k}"]), str(d["val"]), str(d["test"]), run,
-                                   args.steps, scratch, cache, tuple(args.overrides))
-                plain = run_plain(pretrained, d[f"train{k}"], d["test"], args.steps, scratch, args.seed)
+                runs = []
+                for seed in seeds:
+                    run = work / "runs" / f"{name}-{k}shot-{init}-seed{seed}-{int(time.time())}"
+                    mc = run_megaclass(pretrained, str(d[f"train{k}"]), str(d["val"]), str(d["test"]), run,
+                                       args.steps, scratch, cache, (f"train.seed={seed}", *args.overrides))
+                    plain = run_plain(pretrained, d[f"train{k}"], d["test"], args.steps, scratch, seed)
+                    runs.append({"seed": seed, "megaclass": mc, "plain": plain})
+                    log.info("%-7s %2d-shot %-10s seed %d: megaclass %.3f (%.0f s)  plain %.3f (%.0f s)", name, k,
+                             init, seed, mc["test_top1"], mc["seconds"], plain["test_top1"], plain["seconds"])
                 n_train = sum(1 for _ in d[f"train{k}"].rglob("*.jpg"))
-                row = {"dataset": name, "shots": k, "init": init, "train_images": n_train,
-                       "batch": min(BATCH, n_train), "megaclass": mc, "plain": plain,
-                       "time_ratio": mc["seconds"] / plain["seconds"]}
-                rows.append(row)
-                log.info("%-7s %2d-shot %-10s megaclass %.3f (%.0f s)  plain %.3f (%.0f s)", name, k, init,
-                         mc["test_top1"], mc["seconds"], plain["test_top1"], plain["seconds"])
+                rows.append(summarise_row({"dataset": name, "shots": k, "init": init, "train_images": n_train,
+                                           "batch": min(BATCH, n_train)}, runs))
     timings["total_s"] = time.perf_counter() - t0
     print_table(rows, args, timings)
     (work / "finetune_vs_timm.json").write_text(json.dumps({"args": vars(args), "timings": timings, "rows": rows,
@@ -297,16 +301,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summarise_row(row: dict, runs: list[dict]) -> dict:
+    """Means over seeds, the per-seed gap in points and its standard error, the time ratio of the sums."""
+    gaps = [100 * (r["megaclass"]["test_top1"] - r["plain"]["test_top1"]) for r in runs]
+    mean_gap = sum(gaps) / len(gaps)
+    spread = (sum((g - mean_gap) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5 if len(gaps) > 1 else float("nan")
+    return {**row, "runs": runs, "gap_points": mean_gap, "gap_stderr": spread / len(gaps) ** 0.5,
+            "megaclass": {"test_top1": sum(r["megaclass"]["test_top1"] for r in runs) / len(runs),
+                          "seconds": sum(r["megaclass"]["seconds"] for r in runs)},
+            "plain": {"test_top1": sum(r["plain"]["test_top1"] for r in runs) / len(runs),
+                      "seconds": sum(r["plain"]["seconds"] for r in runs)},
+            "time_ratio": sum(r["megaclass"]["seconds"] for r in runs) / sum(r["plain"]["seconds"] for r in runs)}
+
+
 def print_table(rows: list[dict], args, timings: dict) -> None:
-    print(f"\nTest top-1, {args.steps} steps per run, batch min({BATCH}, training images), {ARCH} @ {IMAGE_SIZE} px"
+    print(f"\nTest top-1, {args.steps} steps per run, batch min({BATCH}, training images), {ARCH} @ {IMAGE_SIZE} px, "
+          f"mean over seeds {args.seeds}"
           + (f", megaclass with {' '.join(args.overrides)}" if args.overrides else ", megaclass defaults"))
-    print("| dataset | shots | init | train images | plain loop | megaclass | megaclass - plain | time megaclass / plain |")
+    print("| dataset | shots | init | train images | plain loop | megaclass | megaclass - plain (± s.e.) "
+          "| time megaclass / plain |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        gap = 100 * (r["megaclass"]["test_top1"] - r["plain"]["test_top1"])
         print(f"| {r['dataset']} | {r['shots']} | {r['init']} | {r['train_images']} | {r['plain']['test_top1']:.3f} | "
-              f"{r['megaclass']['test_top1']:.3f} | {gap:+.1f} | {r['time_ratio']:.2f} |")
-    worst = min(100 * (r["megaclass"]["test_top1"] - r["plain"]["test_top1"]) for r in rows)
+              f"{r['megaclass']['test_top1']:.3f} | {r['gap_points']:+.1f} ± {r['gap_stderr']:.1f} | "
+              f"{r['time_ratio']:.2f} |")
+    worst = min(r["gap_points"] for r in rows)
     ratio = math.exp(sum(math.log(r["time_ratio"]) for r in rows) / len(rows))
     print(f"\nworst row megaclass - plain: {worst:+.1f} points; geometric mean time ratio {ratio:.2f}")
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -65,7 +65,12 @@ class FinetuneTrainSection(TrainSection):
     max_evals: int = doc("auto cadence: validations per phase at most", 10, ge=1)
     eval_budget: float = doc("auto cadence: validation may cost at most this fraction of the training compute",
                              0.25, gt=0.0)
-    patience: int = doc("stop after this many validations without a better val top-1; 0 = never", 5, ge=0)
+    patience: int = doc("stop after this many validations in a row without a val top-1 higher than all "
+                        "before; 0 = never", 5, ge=0)
+    select_tolerance: float = doc("classification: the selected (best/, final/) step is the latest whose val "
+                                  "top-1 is within this many standard errors of the highest so far (binomial "
+                                  "error on the val set); 0 = the latest of the highest. Detection keeps the "
+                                  "highest mAP", 1.0, ge=0.0)
 
 
 @dataclass(frozen=True)

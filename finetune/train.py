@@ -8,13 +8,15 @@ TorchTrainer (`finetune_from_dict`, launched by cluster.runtime like pretraining
 `full` trains everything (layer-wise lr decay, warmup, cosine), `linear` trains only the new head
 on a frozen backbone (BN statistics frozen too), `lp-ft` does a linear probe first and then the
 full fine-tune, which keeps the pretrained features from being wrecked by a random head's early
-gradients. Validation top-1 picks the best step and stops early; RUN/final/ is that best model as
-a contract-2 checkpoint. Resumes from the newest RUN/step-*/ when one exists.
+gradients. Validation top-1 picks the best step (the later one where val top-1 differs by less than
+its noise) and stops early; RUN/final/ is that model as a
+contract-2 checkpoint. Resumes from the newest RUN/step-*/ when one exists.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -80,15 +82,27 @@ def fit_to_data(cfg: FinetuneConfig, data: DataPlan, world_size: int) -> Finetun
     return resolve_optim(cfg, data.num_train_samples)
 
 
-STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals")  # train_state/state.json
+STATE_COUNTERS = ("step", "phase", "best_top1", "best_step", "bad_evals", "peak_top1")  # train_state/state.json
 
 
 @dataclass
 class Progress:
     step: int = 0
-    best_top1: float = -1.0
+    best_top1: float = -1.0  # val top-1 of the selected step (best_step)
     best_step: int = -1
-    bad_evals: int = 0  # validations in a row without a better top-1, in the current phase
+    bad_evals: int = 0  # validations in a row without a new peak, in the current phase
+    peak_top1: float = -1.0  # the highest val top-1 seen
+
+
+def counts_as_best(top1: float, peak: float, num_val: int, tolerance: float) -> bool:
+    """Whether a validation becomes the selected step: its top-1 is within `tolerance` standard errors
+    of the peak so far (the binomial error of the peak's top-1 on `num_val` images). On a small val
+    set the noise between steps exceeds the differences, and selecting the strict maximum keeps an
+    early, undertrained step; within noise, the later (longer-trained) step is the better bet."""
+    if top1 >= peak:
+        return True
+    p = min(max(peak, 0.0), 1.0)
+    return peak - top1 <= tolerance * math.sqrt(p * (1 - p) / max(num_val, 1))
 
 
 def create_criterion_and_mixup(cfg: FinetuneConfig, num_classes: int):
@@ -175,7 +189,8 @@ def finetune(cfg: FinetuneConfig, dist=None, report=None) -> dict:
         opt_state = None
     summary = {"final_url": run.final_url, "best_top1": progress.best_top1, "best_step": progress.best_step,
                "steps": progress.step, "stopped_early": stopped, "num_classes": len(data.class_names),
-               "num_train_samples": data.num_train_samples, "mode": cfg.finetune.mode}
+               "num_train_samples": data.num_train_samples, "num_val_samples": data.num_val_samples,
+               "mode": cfg.finetune.mode}
     if ranks.is_main:
         best = load_checkpoint(run.best_url)
         _save(run.final_url, best.state_dict, ctx, progress, extra={"selected_step": progress.best_step})
@@ -205,7 +220,8 @@ def _resume(run_url: str, model: nn.Module) -> tuple[Progress, dict | None]:
     state = resume_state(run_url, model, STATE_COUNTERS)
     if state is None:
         return Progress(), None
-    progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]))
+    progress = Progress(int(state["step"]), float(state["best_top1"]), int(state["best_step"]), int(state["bad_evals"]),
+                        float(state.get("peak_top1", state["best_top1"])))
     return progress, {"phase": int(state["phase"]), "optimizer": state["optimizer"]}
 
 
@@ -276,13 +292,13 @@ def _validate(ctx: _Context, model: nn.Module, phase: Phase, progress: Progress)
                           bf16=cfg.train.precision == "bf16")
         top1, top5 = result.top1, result.top5
     top1, top5 = _broadcast([top1, top5], ranks)
-    improved = top1 > progress.best_top1
-    if improved:
-        progress.best_top1, progress.best_step, progress.bad_evals = top1, progress.step, 0
+    selected = counts_as_best(top1, progress.peak_top1, ctx.data.num_val_samples, cfg.train.select_tolerance)
+    progress.bad_evals = 0 if top1 > progress.peak_top1 else progress.bad_evals + 1
+    progress.peak_top1 = max(progress.peak_top1, top1)
+    if selected:
+        progress.best_top1, progress.best_step = top1, progress.step
         if ranks.is_main:
             _save(ctx.run.best_url, model.state_dict(), ctx, progress)
-    else:
-        progress.bad_evals += 1
     ctx.run.log(progress.step, {"phase": phase.name, EVAL_TOP1: top1, EVAL_TOP5: top5, BEST_EVAL_TOP1: progress.best_top1})
     log.info("step %d (%s): val top-1 %.4f top-5 %.4f (best %.4f at step %d)", progress.step, phase.name,
              top1, top5, progress.best_top1, progress.best_step)
@@ -309,7 +325,7 @@ def _save(url: str, state_dict: dict, ctx: _Context, progress: Progress, *, extr
 
 def _save_step(ctx: _Context, model: nn.Module, optimizer, progress: Progress, phase_index: int) -> None:
     counters = {"step": progress.step, "phase": phase_index, "best_top1": progress.best_top1,
-                "best_step": progress.best_step, "bad_evals": progress.bad_evals}
+                "best_step": progress.best_step, "bad_evals": progress.bad_evals, "peak_top1": progress.peak_top1}
     save_step(ctx.run, ctx.ranks, progress.step, ctx.cfg.checkpoint.keep,
               lambda url: _save(url, model.state_dict(), ctx, progress,
                                 write_train_state=state_writer(counters, optimizer.state_dict())))

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -116,67 +114,6 @@ def test_torchrun_two_ranks_unequal_shards_then_resume_on_one(dataset, tmp_path)
     assert [r["step"] for r in records][:10] == list(range(2, 21, 2))  # two-rank part kept, then continued
     model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
-
-
-def _resume_state_matches(run):
-    """The two-rank head, loaded at world size 1, equals the gathered head published with it."""
-    from pretrain.dist import DistInfo
-    from pretrain.head import ShardedClassifierHead
-    from pretrain.train_state import load_train_state
-    from timm.optim import create_optimizer_v2
-    ckpt_url = list_checkpoints(str(run))[0]
-    backbone = timm.create_model("test_resnet", num_classes=0)
-    head = ShardedClassifierHead(backbone.num_features, 6, DistInfo(), init_seed=123)
-    optimizer = create_optimizer_v2(torch.nn.ModuleDict({"b": backbone, "h": head}), opt="adamw", lr=0.1)
-    progress = load_train_state(f"{ckpt_url}/train_state", backbone=backbone, head=head, optimizer=optimizer,
-                                ema=None, dist=DistInfo())
-    published = load_checkpoint(ckpt_url).state_dict
-    return progress, torch.equal(head.weight, published["fc.weight"]) and torch.equal(head.bias, published["fc.bias"])
-
-
-@pytest.mark.slow
-def test_ray_two_workers_survive_sigkill(dataset, tmp_path):
-    from cluster.runtime import ray_session, run_torch_trainer
-    from data_pipeline.config import to_dict
-    run = tmp_path / "run"
-    cfg = load_pretrain_config(None, overrides(dataset, run, **{
-        "scaling.num_workers": 2, "scaling.max_failures": 1, "train.max_steps": 20, "checkpoint.every_steps": 4,
-        "checkpoint.keep": 2, "log.every_steps": 1, "train.global_batch_size": 4}))
-    result: dict = {}
-
-    def fit():
-        result.update(run_torch_trainer("pretrain.train:train_from_dict", to_dict(cfg), num_workers=2, use_gpu=False,
-                                        max_failures=1, storage_url=str(run), name="ray"))
-
-    killed = []
-    with ray_session(None, num_cpus=4):
-        thread = threading.Thread(target=fit)
-        thread.start()
-        deadline = time.time() + 400
-        while not killed and thread.is_alive() and time.time() < deadline:
-            records = [r for r in read_metrics(str(run)) if r["step"] >= 6] if (run / "metrics.jsonl").exists() else []
-            if records and list_checkpoints(str(run)):
-                os.kill(records[-1]["pid"], signal.SIGKILL)  # rank 0's Ray worker process, mid-run
-                killed.append((records[-1]["pid"], records[-1]["step"]))
-            time.sleep(0.2)
-        thread.join(timeout=500)
-    assert killed, "the run ended before a worker could be killed"
-    assert result.get("step") == 20 and result.get("preempted") is False
-    pids = {r["pid"] for r in read_metrics(str(run))}
-    assert killed[0][0] in pids and len(pids) == 2  # a second worker group finished the run
-    records = read_metrics(str(run))
-    assert [r["step"] for r in records if "event" not in r] == list(range(1, 21))
-    resumed = [r["step"] for r in records if r.get("event") == "resume"]  # from the newest step-N/ at the kill
-    assert len(resumed) == 1 and resumed[0] % 4 == 0 and 4 <= resumed[0] <= killed[0][1] + 4
-    x = torch.randn(2, 3, 32, 32)
-    model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
-    ckpt = load_checkpoint(f"{run}/final")
-    assert ckpt.megaclass["step"] == 20 and ckpt.megaclass["world_size"] == 2
-    assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000016", "step-00000020"]
-    from pretrain.checkpoint import create_model_from_checkpoint
-    assert torch.equal(model(x), create_model_from_checkpoint(ckpt).eval()(x))
-    progress, head_equal = _resume_state_matches(run)
-    assert head_equal and progress.world_size == 2 and progress.step == 16
 
 
 def test_bf16_channels_last_ema_and_sampled_head(dataset, tmp_path):

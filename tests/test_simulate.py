@@ -1,19 +1,29 @@
-"""A reduced `megaclass simulate --chaos`, end to end: every stage for real, two processes killed."""
+"""A reduced `megaclass simulate --chaos`, end to end: every stage for real, two processes killed.
+
+The SIGKILLed Ray Train worker is the test of a training run surviving a dead worker: the second
+worker group resumes from the newest step checkpoint, the metrics continue without a gap or a
+repeat, retention keeps the newest checkpoints, and the sharded head restores exactly.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
+import timm
+import torch
 
 from cluster.cli import main
 from cluster.chaos import ProcessKiller, find_processes
+from pretrain.checkpoint import create_model_from_checkpoint, list_checkpoints, load_checkpoint
+from pretrain.rundir import read_metrics
 
 REDUCED = [
     "web.upstream_classes=12", "web.images_per_class=8", "web.downstream_classes=3",
     "web.downstream_train_per_class=4", "web.downstream_val_per_class=3", "shard_size=16",
-    "pretrain_overrides=[train.max_steps=12,checkpoint.every_steps=4,log.every_steps=4,data.image_size=32,"
+    "pretrain_overrides=[model.arch=test_resnet,train.max_steps=12,checkpoint.every_steps=4,log.every_steps=4,data.image_size=32,"
     "train.global_batch_size=16]",
     "finetune_overrides=[train.max_steps=4,train.eval_every_steps=2,data.image_size=32,train.global_batch_size=8]",
 ]
@@ -39,6 +49,7 @@ def test_reduced_simulation_with_chaos(tmp_path, capsys):
     assert len(report["chaos"]["pretrain"]["killed"]) == 1
     assert report["pretrain"]["final_step"] == 12 and report["pretrain"]["resumes"]
     assert report["pretrain"]["resumes"][0]["step"] in (4, 8)
+    check_pretrain_survived_worker_kill(workdir / "runs" / "pretrain")
     evaluation = json.loads((workdir / "evaluation" / "report.json").read_text())
     correct = sum(v["correct"] for v in evaluation["per_class"].values())
     assert report["downstream"]["top1"] == correct / evaluation["num_samples"] and evaluation["num_samples"] > 0
@@ -48,6 +59,37 @@ def test_reduced_simulation_with_chaos(tmp_path, capsys):
                       )["megaclass"]["finetuned_from"]["scratch"] is True
     assert (workdir / "registry" / "sim-backbone" / "versions" / "000001" / "version.json").exists()
     assert (workdir / "evaluation" / "report.json").exists()
+
+
+def check_pretrain_survived_worker_kill(run) -> None:
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records if "event" not in r] == [4, 8, 12]  # no gap, no step twice
+    resumed = [r["step"] for r in records if r.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0] in (4, 8)
+    assert len({r["pid"] for r in records}) == 2  # rank 0 of a second worker group finished the run
+    assert [os.path.basename(u) for u in list_checkpoints(str(run))] == ["step-00000008", "step-00000012"]
+    ckpt = load_checkpoint(f"{run}/final")
+    assert ckpt.megaclass["step"] == 12 and ckpt.megaclass["world_size"] == 2
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model(f"local-dir:{run}/final", pretrained=True).eval()
+    assert torch.equal(model(x), create_model_from_checkpoint(ckpt).eval()(x))
+
+    # The two-rank sharded head of the oldest kept checkpoint, loaded at world size 1, equals the
+    # gathered head published with it.
+    from timm.optim import create_optimizer_v2
+
+    from pretrain.dist import DistInfo
+    from pretrain.head import ShardedClassifierHead
+    from pretrain.train_state import load_train_state
+    ckpt_url = list_checkpoints(str(run))[0]
+    published = load_checkpoint(ckpt_url).state_dict
+    backbone = timm.create_model(ckpt.arch, num_classes=0)
+    head = ShardedClassifierHead(backbone.num_features, published["fc.bias"].numel(), DistInfo(), init_seed=123)
+    optimizer = create_optimizer_v2(torch.nn.ModuleDict({"b": backbone, "h": head}), opt="adamw", lr=0.1)
+    progress = load_train_state(f"{ckpt_url}/train_state", backbone=backbone, head=head, optimizer=optimizer,
+                                ema=None, dist=DistInfo())
+    assert progress.world_size == 2 and progress.step == 8
+    assert torch.equal(head.weight, published["fc.weight"]) and torch.equal(head.bias, published["fc.bias"])
 
 
 def test_process_killer_kills_only_what_the_stage_started(tmp_path):

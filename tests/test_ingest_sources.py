@@ -41,6 +41,8 @@ def test_folder_of_parts_with_renamed_and_kept_columns(http_server, tmp_path):
     index = read_index(out)
     assert index.num_rows == 12 and manifest["totals"]["train"]["ok"] == 10
     assert manifest["totals"]["train"]["reasons"] == {"duplicate_url": 2}  # across parts, first wins
+    reasons = dict(zip(index.column("key").to_pylist(), index.column("reason").to_pylist()))
+    assert sorted(k for k, r in reasons.items() if r == "duplicate_url") == ["s1_3", "s2_3"]  # the repeats, exactly
     assert index.column("key").to_pylist()[:5] == ["s0_0", "s0_1", "s0_2", "s0_3", "s1_0"]
     assert index.schema.field("similarity").type == pa.float64() and index.column("NSFW")[0].as_py() == "UNLIKELY"
     samples = [s for url, _ in dataset.split_shards(out, "train") for s in dataset.iter_shard(url)]

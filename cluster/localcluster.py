@@ -124,9 +124,9 @@ class S3Server:
             if self._proc.poll() is not None:
                 return False
             try:
-                urllib.request.urlopen(self.endpoint_url, timeout=2).close()
+                urllib.request.urlopen(self.endpoint_url, timeout=5).close()
                 return True
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, reset, or a first response slower than the probe's timeout
                 time.sleep(0.1)
         return False
 
@@ -335,7 +335,9 @@ class NodeKiller:
                     self.error = str(exc)[:300]
             return
 
-    def start(self) -> None:
+    def start(self, root_pid: int | None = None) -> None:
+        """Start watching; `root_pid` (the stage's process, as ProcessKiller takes it) is not needed:
+        the node is the cluster's, whichever stage runs on it."""
         self._thread.start()
 
     def stop(self) -> None:

@@ -124,3 +124,30 @@ def test_workdir_that_is_not_a_simulation_is_refused(tmp_path, capsys):
     assert main(["simulate", "--workdir", str(tmp_path)]) == 2
     assert "not empty and not a previous simulation" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_node_killer_runs_as_a_stage_killer():
+    """The simulation drives a NodeKiller exactly like a ProcessKiller: start(stage pid), stop(), report()."""
+    from cluster.localcluster import NodeKiller
+
+    class FakeCluster:
+        def __init__(self):
+            self.killed, self.started = [], []
+
+        def kill_node(self, index):
+            self.killed.append(index)
+            return [4242, 4243]
+
+        def start_node(self, index):
+            self.started.append(index)
+
+    cluster = FakeCluster()
+    killer = NodeKiller(cluster, 1, lambda: True, restart_after_s=0.0, poll_s=0.01)
+    killer.start(12345)
+    deadline = time.monotonic() + 10
+    while not cluster.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killer.stop()
+    assert cluster.killed == [1] and cluster.started == [1]
+    (record,) = killer.report()["killed"]
+    assert record["pid"] == 4242 and record["restarted_after_s"] >= 0

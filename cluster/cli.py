@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # the AWS SDK logs where it found its endpoint and credentials at every new client
+        for name in ("botocore", "aiobotocore", "s3fs"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:

@@ -161,7 +161,8 @@ def format_report(report: dict) -> str:
     for resume in pre["resumes"]:
         lines.append(f"chaos: pretrain resumed from step {resume.get('step')} ({resume.get('checkpoint', '')})")
     lines.append("artifacts:")
-    lines.extend(f"  {name:<12}{path}" for name, path in report["artifacts"].items())
+    width = max((len(name) for name in report["artifacts"]), default=0) + 2
+    lines.extend(f"  {name:<{width}}{path}" for name, path in report["artifacts"].items())
     lines.append("checks:")
     lines.extend(f"  [{'ok' if passed else 'FAILED'}] {name}" for name, passed in report["checks"].items())
     return "\n".join(lines)

@@ -17,6 +17,8 @@ from pretrain.rundir import EVAL_TOP1, EVENT, IMAGES_PER_S, LOSS, STEP, read_met
 if TYPE_CHECKING:
     from cluster.simulate import Simulation
 
+DETECTION_ARTIFACTS = ("detection", "detector", "detection_evaluation")  # listed only with --detection
+
 
 def _join(base, *parts: str) -> str:
     """A path or URL under `base` (a local Path or an s3:// URL: the simulation's stores)."""
@@ -88,7 +90,8 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
                        "num_samples": evaluation.get("num_samples"), "scratch_top1": scratch_top1,
                        "gain_points": None if scratch_top1 is None or evaluation.get("top1") is None
                        else round(100 * (evaluation["top1"] - scratch_top1), 1)},
-        "artifacts": {name: str(path) for name, path in sim.paths.items()}
+        "artifacts": {name: str(path) for name, path in sim.paths.items()
+                      if sim.cfg.detection or name not in DETECTION_ARTIFACTS}
         | {"published": _join(sim.paths["registry"], "sim-backbone"),
            "logs": str(sim.workdir / "logs")},
         "chaos": {name: s.details["chaos"] for name, s in stages.items() if "chaos" in s.details},

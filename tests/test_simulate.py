@@ -59,6 +59,7 @@ def test_reduced_simulation_with_chaos(tmp_path, capsys):
                       )["megaclass"]["finetuned_from"]["scratch"] is True
     assert (workdir / "registry" / "sim-backbone" / "versions" / "000001" / "version.json").exists()
     assert (workdir / "evaluation" / "report.json").exists()
+    assert "detector" not in report["artifacts"] and report["artifacts"]["published"].endswith("sim-backbone")
 
 
 def check_pretrain_survived_worker_kill(run) -> None:

@@ -31,7 +31,7 @@ from data_pipeline import dataset, detection
 from data_pipeline.accounting import split_totals, summary_table  # noqa: F401 (summary_table: ingest's API)
 from data_pipeline.config import ConfigError, doc, require, to_dict
 from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
-from data_pipeline.image import ImageOptions, process_image
+from data_pipeline.image import RESAMPLE, ImageOptions, process_image
 from data_pipeline.netpolicy import NetworkPolicy, parse_networks
 from data_pipeline.shard_plan import PLAN_SCHEMA as PLAN_SCHEMA  # re-exported: the plan's row schema
 from data_pipeline.shard_plan import IngestPlan, ShardTask, check_usable_urls
@@ -84,12 +84,14 @@ class ImageSection:
     max_pixels: int = doc("width*height above this is refused before decoding (too_many_pixels)", 64_000_000)
     jpeg_quality: int = doc("JPEG quality of re-encoded images (1-95)", 90)
     keep_original: bool = doc("store RGB baseline JPEGs that already fit byte for byte", True)
+    resample: str = doc("filter of the final resize: bilinear (antialiased), bicubic, lanczos, box", "bilinear")
 
     def validate(self) -> None:
         require(self.image_size >= 1, "image.image_size", "must be >= 1")
         require(1 <= self.min_side <= self.image_size, "image.min_side", "must be in 1..image_size")
         require(self.max_pixels >= self.min_side ** 2, "image.max_pixels", "must be >= min_side**2")
         require(1 <= self.jpeg_quality <= 95, "image.jpeg_quality", "must be in 1..95")
+        require(self.resample in RESAMPLE, "image.resample", f"must be one of {', '.join(RESAMPLE)}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ class IngestConfig:
 
     def image_options(self) -> ImageOptions:
         i = self.image
-        return ImageOptions(i.image_size, i.min_side, i.max_pixels, i.jpeg_quality, i.keep_original)
+        return ImageOptions(i.image_size, i.min_side, i.max_pixels, i.jpeg_quality, i.keep_original, i.resample)
 
     def recorded_options(self) -> dict:
         """Options that change what a stored sample looks like: part of the fingerprint.

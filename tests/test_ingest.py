@@ -123,6 +123,8 @@ def test_output_of_other_inputs_is_refused(mixed_source, tmp_path):
     ingest(source, out, replace(CFG, ["fetch.timeout_s=0.3"]))
     with pytest.raises(ConfigError, match="another source or other options"):
         check_out_location(plan_shards(source, out, replace(CFG, ["image.image_size=64"])))
+    with pytest.raises(ConfigError, match="another source or other options"):  # the filter changes every sample
+        check_out_location(plan_shards(source, out, replace(CFG, ["image.resample=bicubic"])))
 
 
 def test_held_out_split_by_key_hash(http_server, tmp_path):
@@ -260,6 +262,8 @@ def test_cli_options_layering(tmp_path, capsys):
     assert cfg.fetch.allow_networks == ("10.0.0.0/8", "127.0.0.0/8") and not cfg.fetch.honour_optout
     with pytest.raises(ConfigError, match="image.bogus"):
         command.build_config(parser.parse_args(["s", "o", "--set", "image.bogus=1"]))
+    with pytest.raises(ConfigError, match="image.resample: must be one of bilinear, bicubic"):
+        command.build_config(parser.parse_args(["s", "o", "--set", "image.resample=cubic"]))
     with pytest.raises(ConfigError, match="allow_networks"):
         command.build_config(parser.parse_args(["s", "o", "--allow-network", "nonsense"]))
     assert main(["ingest", "--list-options"]) == 0 and "fetch.timeout_s" in capsys.readouterr().out

@@ -31,6 +31,14 @@ def test_large_jpeg_resized_shorter_side_without_upscaling():
     assert target_size(20, 10, 32) == (20, 10)  # never upscaled
 
 
+def test_resample_filter_is_the_one_configured():
+    rng = np.random.default_rng(0)
+    data = encode_image(Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)), "JPEG")
+    out = {name: process_image(data, ImageOptions(image_size=40, resample=name)) for name in ("bilinear", "bicubic")}
+    assert all((r.width, r.height) == (53, 40) for r in out.values())
+    assert out["bilinear"].jpg != out["bicubic"].jpg  # the option reaches the resize
+
+
 def test_progressive_jpeg_reencoded():
     data = encode_image(Image.new("RGB", (30, 20), (10, 200, 30)), "JPEG", progressive=True)
     result = process_image(data, OPTS)

@@ -8,12 +8,15 @@
    127.0.0.1 from a separate process; both downloaders get the same server and all the cores.
 2. Ceiling: the same bytes decoded with PIL draft mode, resized to shorter side 256 and encoded
    at q90, on one core, no I/O (x cores: what the machine could do with free downloads).
-3. Cold, as a user runs each: `megaclass ingest urls.parquet OUT` (a local Ray started and stopped
-   by the command) and `img2dataset --processes_count CORES --thread_count 16` (its README's
-   advice: one process per core), same URLs, shorter side 256, q90. Wall clock from the command's
-   start to its exit; the ratio img2dataset_s / megaclass_s is the headline (target >= 1.5).
+3. Cold, as a user runs each, alternated `--repeats` times: `megaclass ingest urls.parquet OUT`
+   (defaults: local worker processes, one per core) and `img2dataset --processes_count CORES
+   --thread_count 16` (its README's advice: one process per core), same URLs, shorter side 256,
+   q90. Wall clock from the command's start to its exit; the median of the per-pair ratios
+   img2dataset_s / megaclass_s is the headline (target >= 1.5). Once more with
+   `--set runtime.executor=ray` (a local Ray started and stopped by the command).
 4. Steady state, reported separately: megaclass on an already started Ray with warm workers;
    img2dataset from its own per-shard stats (successes / (last end - first start)).
+   The server's CPU per stored image is printed for both (keep-alive vs a connection per image).
 5. Memory: an endless response fetched with the default cap; peak RSS must stay far below it.
 img2dataset lives in its own venv (.bench/img2dataset-venv; the `bench` extra names it), so its
 dependencies never touch this one.
@@ -27,6 +30,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -133,8 +137,8 @@ def run_megaclass(urls: list[str], cores: int) -> tuple[float, int]:
     return elapsed, manifest["totals"]["train"]["ok"]
 
 
-def run_megaclass_cold(urls: list[str], cores: int) -> tuple[float, int]:
-    """`megaclass ingest` as a user runs it: one command, its own Ray, wall clock to exit."""
+def run_megaclass_cold(urls: list[str], cores: int, extra: list[str] = ()) -> tuple[float, int]:
+    """`megaclass ingest` as a user runs it (one command, defaults but for `extra`), wall clock to exit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -143,7 +147,8 @@ def run_megaclass_cold(urls: list[str], cores: int) -> tuple[float, int]:
     out = WORK / "megaclass-cold"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "cluster", "ingest", str(source), str(out), "--allow-network", "127.0.0.0/8",
-               "--shard-size", str(max(1, len(urls) // (4 * cores))), "--no-progress", "--max-failed-fraction", "1"]
+               "--shard-size", str(max(1, len(urls) // (4 * cores))), "--no-progress", "--max-failed-fraction", "1",
+               *extra]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -204,9 +209,15 @@ def endless_peak_rss_mb(server: LoopbackServer) -> tuple[str, float, float]:
     return result.reason, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (the server's share of the cores)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serve_images(core: int | None) -> tuple[subprocess.Popen, str]:
-    """The image files over HTTP from a separate process (pinned to `core` if given); both
-    downloaders get the same server."""
+    """The image files over HTTP/1.1 keep-alive, as web servers answer, from a separate process
+    (pinned to `core` if given); both downloaders get the same server."""
     code = ("import sys, time\nfrom cluster.webserver import StaticServer\n"
             "server = StaticServer(sys.argv[1]).__enter__()\nprint(server.base_url, flush=True)\ntime.sleep(1e9)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(WORK / "images")], stdout=subprocess.PIPE, text=True,
@@ -217,6 +228,7 @@ def serve_images(core: int | None) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=1, help="cold runs of each downloader, alternated (medians)")
     parser.add_argument("--skip-img2dataset", action="store_true")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -231,34 +243,50 @@ def main() -> None:
     with LoopbackServer() as server:
         reason, rss_before, rss_after = endless_peak_rss_mb(server)
     print(f"endless response: {reason}; peak RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+    binary = None if args.skip_img2dataset else install_img2dataset()
     server_proc, base_url = serve_images(None)
+    cold, i2d, ratios, server_ms = [], [], [], {"megaclass": [], "img2dataset": []}
     try:
         urls = [f"{base_url}/{i:06d}.jpg" for i in range(len(data))]
-        cold_s, cold_ok = run_megaclass_cold(urls, cores)
-        print(f"megaclass cold: {cold_ok} ok in {cold_s:.1f} s wall = {cold_ok / cold_s:.1f} images/s", flush=True)
+        for repeat in range(args.repeats):
+            server_cpu = cpu_seconds(server_proc.pid)
+            cold.append(run_megaclass_cold(urls, cores))
+            server_ms["megaclass"].append((cpu_seconds(server_proc.pid) - server_cpu) / max(cold[-1][1], 1) * 1000)
+            print(f"[{repeat + 1}] megaclass cold: {cold[-1][1]} ok in {cold[-1][0]:.1f} s wall", flush=True)
+            if binary is not None:
+                server_cpu = cpu_seconds(server_proc.pid)
+                i2d.append(run_img2dataset(binary, urls, cores))
+                server_ms["img2dataset"].append((cpu_seconds(server_proc.pid) - server_cpu) / max(i2d[-1][1], 1) * 1000)
+                ratios.append(i2d[-1][0] / cold[-1][0])
+                print(f"[{repeat + 1}] img2dataset cold: {i2d[-1][1]} ok in {i2d[-1][0]:.1f} s wall; steady "
+                      f"{i2d[-1][2]:.1f} images/s; megaclass = {ratios[-1]:.2f}x", flush=True)
+        ray_s, ray_ok = run_megaclass_cold(urls, cores, ["--set", "runtime.executor=ray"])
+        print(f"megaclass cold on a local Ray: {ray_ok} ok in {ray_s:.1f} s wall", flush=True)
         warm_s, warm_ok = run_megaclass(urls, cores)
         print(f"megaclass steady (warm Ray): {warm_ok} ok in {warm_s:.1f} s = {warm_ok / warm_s:.1f} images/s", flush=True)
-        i2d = None
-        binary = None if args.skip_img2dataset else install_img2dataset()
-        if binary is not None:
-            i2d = run_img2dataset(binary, urls, cores)
-            print(f"img2dataset cold: {i2d[1]} ok in {i2d[0]:.1f} s wall = {i2d[1] / i2d[0]:.1f} images/s; "
-                  f"steady {i2d[2]:.1f} images/s", flush=True)
     finally:
         server_proc.kill()
-    print(f"\n| {len(data)} loopback URLs, {cores} cores | wall s | images/s | ratio |\n|---|---|---|---|")
+    med = statistics.median
+    cold_s, cold_ok = med(c[0] for c in cold), med(c[1] for c in cold)
+    print(f"\n| {len(data)} loopback URLs, {cores} cores, median of {args.repeats} | wall s | images/s | ratio |")
+    print("|---|---|---|---|")
     print(f"| ceiling: PIL draft, no I/O, x {cores} cores | - | {ceiling_rate * cores:.0f} | 1.00 |")
-    print(f"| megaclass ingest, cold | {cold_s:.1f} | {cold_ok / cold_s:.0f} | "
+    print(f"| megaclass ingest, cold (local processes) | {cold_s:.1f} | {cold_ok / cold_s:.0f} | "
           f"{cold_ok / cold_s / (ceiling_rate * cores):.2f} of ceiling |")
+    print(f"| megaclass ingest --set runtime.executor=ray, cold | {ray_s:.1f} | {ray_ok / ray_s:.0f} | "
+          f"{ray_ok / ray_s / (ceiling_rate * cores):.2f} of ceiling |")
     print(f"| megaclass, steady (warm Ray) | {warm_s:.1f} | {warm_ok / warm_s:.0f} | "
           f"{warm_ok / warm_s / (ceiling_rate * cores):.2f} of ceiling |")
-    if i2d and i2d[1]:
-        print(f"| img2dataset {cores} processes x 16 threads, cold | {i2d[0]:.1f} | {i2d[1] / i2d[0]:.0f} | "
-              f"megaclass = {i2d[0] / cold_s:.2f}x faster (wall) |")
-        print(f"| img2dataset, steady (its shard stats) | - | {i2d[2]:.0f} | "
-              f"megaclass steady = {warm_ok / warm_s / i2d[2]:.2f}x |")
+    if i2d and all(r[1] for r in i2d):
+        i2d_s, i2d_ok, i2d_steady = med(r[0] for r in i2d), med(r[1] for r in i2d), med(r[2] for r in i2d)
+        print(f"| img2dataset {cores} processes x 16 threads, cold | {i2d_s:.1f} | {i2d_ok / i2d_s:.0f} | "
+              f"megaclass = {med(ratios):.2f}x faster (wall; per run {', '.join(f'{r:.2f}' for r in ratios)}) |")
+        print(f"| img2dataset, steady (its shard stats) | - | {i2d_steady:.0f} | "
+              f"megaclass steady = {warm_ok / warm_s / i2d_steady:.2f}x |")
     else:
         print("| img2dataset | not measured | - | - |")
+    print("server CPU per stored image, cold runs (median): "
+          + ", ".join(f"{k} {med(v):.2f} ms" for k, v in server_ms.items() if v))
 
 
 if __name__ == "__main__":

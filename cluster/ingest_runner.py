@@ -1,27 +1,36 @@
-"""Run ingestion on Ray: one task per shard, retried on failure, progress as tasks complete.
+"""Run ingestion: one task per shard, on Ray or in local processes, retried on failure, progress as tasks complete.
 
     manifest = run_ingest("urls.parquet", "s3://bucket/ds", cfg)
 
 `data_pipeline.ingest` does the work as pure functions; this module only schedules them.
-Without `runtime.ray_address` a local Ray is started for the command (and stopped after);
-with it, the driver joins that cluster. An already initialised Ray (tests, `megaclass submit`)
-is used as it is. Committed shards are skipped inside the task, so a re-run after any crash
-resumes where the last one stopped.
+`runtime.executor` decides where: with a cluster to use (`runtime.ray_address`, $RAY_ADDRESS, or
+an already initialised Ray: tests, `megaclass submit`) the tasks are Ray tasks; on one machine
+without one (`auto`), a pool of local processes runs them, which starts in a fraction of a second
+where starting and stopping a local Ray costs seconds; `ray` starts a local Ray anyway. Both
+retry a task whose process dies and give byte-identical output. Committed shards are skipped
+inside the task, so a re-run after any crash resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
 from cluster.runtime import ray_session
-from data_pipeline.ingest import (IngestConfig, IngestPlan, ShardResult, check_out_location, finalize,
+from data_pipeline import apply_allocator_settings
+from data_pipeline.ingest import (IngestConfig, IngestError, IngestPlan, ShardResult, check_out_location, finalize,
                                   fold_class_counts, plan_shards, summary_table, write_shard)
 from data_pipeline.report import write_report
 
@@ -95,20 +104,130 @@ def run_plan(plan: IngestPlan, cfg: IngestConfig, nodes: Counter | None = None) 
     return results, class_counts
 
 
+def uses_ray(cfg: IngestConfig) -> bool:
+    """Whether `runtime.executor` (auto: a cluster address or a running Ray) sends the tasks to Ray."""
+    if cfg.runtime.executor != "auto":
+        return cfg.runtime.executor == "ray"
+    return bool(cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
+def _local_worker_start() -> None:
+    """Initializer of local workers: the allocator settings, and SIGKILL when the driver dies (Linux),
+    so a killed run leaves no orphans."""
+    apply_allocator_settings()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan finishes its shard (committed atomically) and exits
+
+
+def local_workers(cfg: IngestConfig) -> int:
+    return cfg.runtime.local_workers or len(os.sched_getaffinity(0))
+
+
+def start_local_pool(cfg: IngestConfig) -> ProcessPoolExecutor:
+    """`runtime.local_workers` processes (0: one per core this process may use), forked now.
+
+    Forked, not spawned: a worker costs milliseconds instead of an interpreter start and imports,
+    and no caller needs an `if __name__ == "__main__"` guard. Forked before planning starts
+    Arrow's threads, so no lock of another thread is copied held.
+    """
+    pool = ProcessPoolExecutor(local_workers(cfg), mp_context=multiprocessing.get_context("fork"),
+                               initializer=_local_worker_start)
+    pool.submit(int).result()  # a fork pool starts every worker on its first task
+    return pool
+
+
+def run_plan_local(plan: IngestPlan, cfg: IngestConfig,
+                   pool: ProcessPoolExecutor | None = None) -> tuple[list[ShardResult], np.ndarray]:
+    """Every shard task of `plan` in a pool of local worker processes, at most 2 tasks per worker queued.
+
+    pool: from `start_local_pool` (started here if None); shut down on return. As on Ray, a task
+    whose process dies (OOM killer, SIGKILL) or that raises OSError runs again, up to
+    `runtime.max_task_retries` times; a dead process breaks the pool, so every task in flight
+    runs again in a new one.
+    """
+    class_counts = np.zeros(len(plan.class_names), dtype=np.int64)
+    progress = _Progress(plan.num_rows, cfg.runtime.progress)
+    results: list[ShardResult] = []
+    failures: Counter = Counter()
+    again: deque = deque()
+    tasks = plan.tasks()
+    pending: dict = {}
+    try:
+        while True:
+            if pool is None:
+                pool = start_local_pool(cfg)
+            broken = False  # a worker died while idle: the pool refuses new tasks
+            while not broken and len(pending) < 2 * local_workers(cfg):
+                task = again.popleft() if again else next(tasks, None)
+                if task is None:
+                    break
+                try:
+                    pending[pool.submit(write_shard, task, cfg)] = task
+                except BrokenProcessPool:
+                    again.appendleft(task)
+                    broken = True
+            if not pending and not broken:
+                break
+            failed = []
+            if not broken:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except (BrokenProcessPool, OSError) as exc:
+                        failed.append((task, exc))
+                        continue
+                    progress.update(result)
+                    fold_class_counts(result, class_counts)
+                    results.append(result)
+            if broken or any(isinstance(exc, BrokenProcessPool) for _, exc in failed):
+                failed += [(task, BrokenProcessPool("a worker process died")) for task in pending.values()]
+                pending.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = None
+            for task, exc in failed:
+                failures[task.task_id] += 1
+                if failures[task.task_id] > cfg.runtime.max_task_retries:
+                    raise IngestError(f"shard task {task.task_id} ({task.shard_url}) failed "
+                                      f"{failures[task.task_id]} times; last: {type(exc).__name__}: {exc}") from exc
+                log.warning("shard task %d failed (%s: %s); running it again", task.task_id, type(exc).__name__, exc)
+                again.append(task)
+        pool.shutdown()
+        pool = None
+    finally:
+        progress.close()
+        if pool is not None:  # an error or an interrupt: no new task starts, the running ones end with us
+            pool.shutdown(wait=False, cancel_futures=True)
+    return results, class_counts
+
+
 def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
     """Plan, run every shard task, finalize; returns the manifest. Prints the summary table."""
     start = time.monotonic()
-    plan = plan_shards(source_url, out_url, cfg)
-    log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
-             plan.num_tasks, ", ".join(plan.splits))
-    check_out_location(plan)
+    pool = None if uses_ray(cfg) else start_local_pool(cfg)
+    try:
+        plan = plan_shards(source_url, out_url, cfg)
+        log.info("planned %d rows, %d classes, %d shard tasks, splits %s", plan.num_rows, len(plan.class_names),
+                 plan.num_tasks, ", ".join(plan.splits))
+        check_out_location(plan)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
     nodes: Counter = Counter()
-    with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
-        results, class_counts = run_plan(plan, cfg, nodes)
+    if pool is None:
+        with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
+            results, class_counts = run_plan(plan, cfg, nodes)
+    else:
+        results, class_counts = run_plan_local(plan, cfg, pool)
     manifest = finalize(plan, results, cfg, class_counts)
     elapsed = time.monotonic() - start
     print(summary_table(manifest["totals"]))
-    print("shard tasks by Ray node: " + ", ".join(f"{node[:12]} {count}" for node, count in nodes.most_common()))
+    if nodes:
+        print("shard tasks by Ray node: " + ", ".join(f"{node[:12]} {count}" for node, count in nodes.most_common()))
     print(f"{plan.num_rows} rows in {elapsed:.1f} s ({plan.num_rows / max(elapsed, 1e-9):.0f} rows/s) -> {out_url}")
     try:
         print(f"report: {write_report(out_url)}")

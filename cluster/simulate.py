@@ -2,7 +2,8 @@
 
 1. web:      draws a many-class image set (cluster.synthetic) plus a handful of broken files,
              serves it over HTTP on 127.0.0.1, and writes a URL table pointing at it
-2. ingest:   `megaclass ingest` of that table on a local Ray (one task per shard)
+2. ingest:   `megaclass ingest` of that table, one task per shard (local worker processes; the
+             cluster's Ray with --nodes 2+)
 3. pretrain: `megaclass pretrain` with DDP workers on a local Ray (Ray Train)
 4. publish:  `megaclass registry publish` of the run's final/ checkpoint into a local registry
 5. finetune: `megaclass finetune --checkpoint registry://NAME@latest` on a disjoint downstream set, and
@@ -83,7 +84,8 @@ class SimulationConfig:
     stage_timeout_s: float = doc("seconds before a stage is declared hung", 900.0)
     storage: str = doc("where dataset, run dirs and registry live: local (the workdir) or s3 (an S3 API server, "
                        "moto's, started for the simulation)", "local")
-    nodes: int = doc("Ray nodes: 1 = a local Ray per command; 2+ = a cluster of that many, 1 CPU each, started "
+    nodes: int = doc("Ray nodes: 1 = a local Ray per training command (ingestion: local processes); 2+ = a "
+                     "cluster of that many, 1 CPU each, started "
                      "for the simulation (ray start --head / --address, token auth)", 1)
     node_restart_s: float = doc("with chaos and nodes > 1: seconds before the killed node is started again", 10.0)
 
@@ -258,7 +260,8 @@ class Simulation:
                                restart_after_s=0.0),
                     NodeKiller(cluster, 1, lambda: bool(list_checkpoints(run_url)),
                                restart_after_s=self.cfg.node_restart_s))
-        return ProcessKiller("ray::_write_shard_task", after_s=2.0), _AfterCheckpoint("RayTrainWorker", run_url)
+        # one machine: ingestion's local worker processes (forked, so they carry the command's own command line)
+        return ProcessKiller("-m cluster ingest", after_s=0.0), _AfterCheckpoint("RayTrainWorker", run_url)
 
     def _run_stages(self, cluster: LocalRayCluster | None) -> dict:
         started = time.perf_counter()

@@ -9,6 +9,9 @@ from pathlib import Path
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as web servers answer
+    disable_nagle_algorithm = True  # ... and without holding a response back for an ACK
+
     def log_message(self, format: str, *args) -> None:  # one line per image would drown the demo output
         return
 

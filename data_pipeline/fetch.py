@@ -6,6 +6,12 @@ name of the URL; pooling libraries resolve names on their own. Other schemes (fi
 ...) are refused unless opened explicitly (`allow_schemes`); an opened one is read through fsspec
 under the same byte cap. fsspec chains (`simplecache::http://...`) are always refused.
 
+Within a shard task, connections are kept alive and reused per host through a `ConnectionPool`
+(the real web answers HTTP/1.1 keep-alive; a reused TLS connection skips its handshake): only to an
+address the policy has just passed for this URL, with the same TLS trust, and only after a 200
+read to its end. A reused connection the server has meanwhile closed is retried once on a fresh
+one, without counting as an attempt.
+
 Every attempt has one wall-clock deadline covering DNS, connect, TLS, headers and body of all
 redirect hops: a watchdog shuts the socket down when it passes, so a server dripping one header
 byte at a time cannot hold a fetch longer. Transient failures (timeouts, connection errors,
@@ -92,14 +98,72 @@ class _Failure(Exception):
         self.retry_after_s = retry_after_s
 
 
-def fetch(url: str, opts: FetchOptions) -> Fetched:
-    """Bytes of `url` or the reason why not; never raises for bad data or bad hosts."""
+class ConnectionPool:
+    """Idle keep-alive connections of one shard task, by (scheme, host, port, CA bundle).
+
+    The pool never resolves a name: `take` hands out only a connection to one of the addresses the
+    caller has just checked, so a reused connection is never a way around the network policy.
+    Holds at most `max_idle` connections per host; one idle longer than `idle_s` is closed.
+    """
+
+    def __init__(self, max_idle: int = 32, idle_s: float = 15.0):
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self.reused = 0  # requests sent on a reused connection
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list[tuple[object, socket.socket, float]]] = {}
+        self._closed = False
+
+    def take(self, key: tuple, addresses: list) -> tuple[object, socket.socket] | None:
+        now = time.monotonic()
+        found, dropped = None, []
+        with self._lock:
+            entries = self._idle.get(key, [])
+            while entries and found is None:
+                ip, sock, since = entries.pop()
+                if now - since <= self.idle_s and ip in addresses:
+                    found = ip, sock
+                    self.reused += 1
+                else:
+                    dropped.append(sock)
+        for sock in dropped:
+            sock.close()
+        return found
+
+    def give(self, key: tuple, ip: object, sock: socket.socket) -> None:
+        with self._lock:
+            entries = self._idle.setdefault(key, [])
+            if not self._closed and len(entries) < self.max_idle:
+                entries.append((ip, sock, time.monotonic()))
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks = [sock for entries in self._idle.values() for _, sock, _ in entries]
+            self._idle.clear()
+        for sock in socks:
+            sock.close()
+
+    def __enter__(self) -> "ConnectionPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fetch(url: str, opts: FetchOptions, pool: ConnectionPool | None = None) -> Fetched:
+    """Bytes of `url` or the reason why not; never raises for bad data or bad hosts.
+
+    pool: keep-alive connections shared by the fetches of one shard task (None: one per request).
+    """
     url_deadline = time.monotonic() + opts.deadline_s
     attempts = 0
     while True:
         attempts += 1
         try:
-            data, final_url = _fetch_once(url, opts, min(url_deadline, time.monotonic() + opts.timeout_s))
+            data, final_url = _fetch_once(url, opts, min(url_deadline, time.monotonic() + opts.timeout_s), pool)
             return Fetched(data, "", final_url, attempts)
         except _Failure as failure:
             if not is_transient(failure.reason) or attempts > opts.retries:
@@ -143,7 +207,7 @@ def clean_url(url: str) -> str:
                        quote(parts.query, safe=PATH_SAFE + "?"), ""))
 
 
-def _fetch_once(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, str]:
+def _fetch_once(url: str, opts: FetchOptions, deadline: float, pool: ConnectionPool | None) -> tuple[bytes, str]:
     # the whole prefix: an fsspec chain (`simplecache::http`) is no scheme anyone can open
     scheme = url.split("://", 1)[0].strip().lower() if "://" in url else ""
     if not scheme:
@@ -152,7 +216,7 @@ def _fetch_once(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, s
         raise _Failure("refused_scheme")
     url = clean_url(url)
     if scheme in HTTP_SCHEMES:
-        return _fetch_http(url, opts, deadline)
+        return _fetch_http(url, opts, deadline, pool)
     return _fetch_fsspec(url, opts.max_bytes), url
 
 
@@ -260,6 +324,16 @@ _WATCHDOG = _Watchdog()
 _RESOLVER = ThreadPoolExecutor(max_workers=32, thread_name_prefix="resolve")  # getaddrinfo has no timeout
 
 
+def _after_fork_in_child() -> None:
+    """A forked worker (the local ingest executor) has none of its parent's threads: fresh ones."""
+    global _WATCHDOG, _RESOLVER
+    _WATCHDOG = _Watchdog()
+    _RESOLVER = ThreadPoolExecutor(max_workers=32, thread_name_prefix="resolve")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -285,7 +359,7 @@ def _resolve(policy: NetworkPolicy, host: str, port: int, deadline: float) -> li
         raise _Failure("dns_error") from None
 
 
-def _fetch_http(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, str]:
+def _fetch_http(url: str, opts: FetchOptions, deadline: float, pool: ConnectionPool | None) -> tuple[bytes, str]:
     seen = {url}
     for _hop in range(opts.max_redirects + 1):
         parts = urlsplit(url)
@@ -294,7 +368,7 @@ def _fetch_http(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, s
         addresses = _resolve(opts.policy, parts.hostname, port, deadline)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         status, location, body = _request(scheme, addresses, parts.hostname, port, parts.netloc, target,
-                                          deadline, opts)
+                                          deadline, opts, pool)
         if status in REDIRECT_STATUSES:
             if not location:
                 raise _Failure(f"http_{status}")
@@ -313,12 +387,12 @@ def _fetch_http(url: str, opts: FetchOptions, deadline: float) -> tuple[bytes, s
     raise _Failure("too_many_redirects")
 
 
-def _connect(addresses: list, port: int, deadline: float) -> socket.socket:
-    """A TCP connection to the first checked address that answers (never a re-resolved one)."""
+def _connect(addresses: list, port: int, deadline: float) -> tuple[object, socket.socket]:
+    """(address, TCP connection) to the first checked address that answers (never a re-resolved one)."""
     last: OSError | None = None
     for ip in addresses:
         try:
-            return socket.create_connection((str(ip), port), timeout=_remaining(deadline))
+            return ip, socket.create_connection((str(ip), port), timeout=_remaining(deadline))
         except OSError as exc:
             last = exc
     _remaining(deadline)
@@ -340,14 +414,33 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _Stale(Exception):
+    """A reused keep-alive connection was closed by the server before it answered."""
+
+
 def _request(scheme: str, addresses: list, host: str, port: int, netloc: str, target: str, deadline: float,
-             opts: FetchOptions) -> tuple[int, str | None, bytes]:
+             opts: FetchOptions, pool: ConnectionPool | None) -> tuple[int, str | None, bytes]:
     """One GET to a checked address; returns (status, Location, body). Body is read only for a 200."""
-    sock = _connect(addresses, port, deadline)
+    key = (scheme, host.lower(), port, opts.ca_file)
+    reused = pool.take(key, addresses) if pool is not None else None
+    if reused is not None:
+        try:
+            return _exchange(scheme, *reused, host, port, netloc, target, deadline, opts, pool, key, reused=True)
+        except _Stale:
+            pass  # closed while idle (servers time idle connections out): once more on a fresh one
+    ip, sock = _connect(addresses, port, deadline)
+    return _exchange(scheme, ip, sock, host, port, netloc, target, deadline, opts, pool, key, reused=False)
+
+
+def _exchange(scheme: str, ip: object, sock: socket.socket, host: str, port: int, netloc: str, target: str,
+              deadline: float, opts: FetchOptions, pool: ConnectionPool | None, key: tuple,
+              reused: bool) -> tuple[int, str | None, bytes]:
+    """Request and response on `sock`; gives the connection back to `pool` only in a clean state."""
     token = _WATCHDOG.watch(sock.fileno(), deadline)
     conn = http.client.HTTPConnection(host, port)
+    keep = answered = False
     try:
-        if scheme == "https":
+        if scheme == "https" and not reused:
             sock = tls_context(opts.ca_file).wrap_socket(sock, server_hostname=host)
         conn.sock = sock
         sock.settimeout(_remaining(deadline))
@@ -356,9 +449,11 @@ def _request(scheme: str, addresses: list, host: str, port: int, netloc: str, ta
         conn.putheader("User-Agent", opts.user_agent)
         conn.putheader("Accept", "image/*,*/*;q=0.5")
         conn.putheader("Accept-Encoding", "identity")
-        conn.putheader("Connection", "close")
+        if pool is None:
+            conn.putheader("Connection", "close")
         conn.endheaders()
         response = conn.getresponse()
+        answered = True
         status = response.status
         if status in REDIRECT_STATUSES:
             return status, response.getheader("Location"), b""
@@ -371,25 +466,39 @@ def _request(scheme: str, addresses: list, host: str, port: int, netloc: str, ta
         length = response.getheader("Content-Length")
         if length and length.strip().isdigit() and int(length) > opts.max_bytes:
             raise _Failure("too_large")
-        return status, None, _read_capped(sock, response, deadline, opts.max_bytes)
+        body = _read_capped(sock, response, deadline, opts.max_bytes)
+        # reusable only at the declared end of the body (a counted-down length or the last chunk)
+        keep = pool is not None and not response.will_close and (response.length == 0 or response.isclosed())
+        response.close()  # the reader over the socket, not the socket
+        return status, None, body
     except _Failure:
         raise
-    except (socket.timeout, TimeoutError):
-        raise _Failure("timeout") from None
-    except ssl.SSLError:
-        raise _Failure(_late(deadline) or "tls_error") from None
-    except http.client.IncompleteRead:
-        raise _Failure(_late(deadline) or "truncated") from None
-    except (http.client.RemoteDisconnected, ConnectionError):
-        raise _Failure(_late(deadline) or "connection_error") from None
-    except (http.client.HTTPException, ValueError):
-        raise _Failure(_late(deadline) or "bad_response") from None  # malformed status line/headers/chunks
-    except OSError:
-        raise _Failure(_late(deadline) or "connection_error") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if reused and not answered and isinstance(exc, (ConnectionError, ssl.SSLError)):
+            raise _Stale() from None
+        raise _failure_of(exc, deadline) from None
     finally:
         _WATCHDOG.cancel(token)
-        conn.close()
-        sock.close()
+        conn.sock = None  # the socket's fate is decided here, not by the HTTPConnection
+        if keep and time.monotonic() < deadline:  # past the deadline the watchdog may have shut it down
+            pool.give(key, ip, sock)
+        else:
+            sock.close()
+
+
+def _failure_of(exc: Exception, deadline: float) -> _Failure:
+    """The recorded reason of a socket, TLS or HTTP error during one exchange."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return _Failure("timeout")
+    if isinstance(exc, ssl.SSLError):
+        return _Failure(_late(deadline) or "tls_error")
+    if isinstance(exc, http.client.IncompleteRead):
+        return _Failure(_late(deadline) or "truncated")
+    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
+        return _Failure(_late(deadline) or "connection_error")
+    if isinstance(exc, (http.client.HTTPException, ValueError)):
+        return _Failure(_late(deadline) or "bad_response")  # malformed status line/headers/chunks
+    return _Failure(_late(deadline) or "connection_error")
 
 
 def _late(deadline: float) -> str:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from data_pipeline import dataset, detection
 from data_pipeline.accounting import split_totals, summary_table  # noqa: F401 (summary_table: ingest's API)
 from data_pipeline.config import ConfigError, doc, require, to_dict
-from data_pipeline.fetch import DEFAULT_OPTOUT, FetchOptions, fetch
+from data_pipeline.fetch import DEFAULT_OPTOUT, ConnectionPool, FetchOptions, fetch
 from data_pipeline.image import RESAMPLE, ImageOptions, process_image
 from data_pipeline.netpolicy import NetworkPolicy, parse_networks
 from data_pipeline.shard_plan import PLAN_SCHEMA as PLAN_SCHEMA  # re-exported: the plan's row schema
@@ -113,11 +113,22 @@ class OutputSection:
         require(self.train_split != self.val_split, "output.val_split", "must differ from train_split")
 
 
+EXECUTORS = ("auto", "ray", "local")
+
+
 @dataclass(frozen=True)
 class RuntimeSection:
-    ray_address: str | None = doc("Ray cluster to join (None: a local Ray for the command)", None)
+    executor: str = doc("where shard tasks run: auto (Ray when ray_address/$RAY_ADDRESS is set or Ray is "
+                        "running, else local), ray (a local Ray if no address), local (processes here)", "auto")
+    ray_address: str | None = doc("Ray cluster to join (None: see executor)", None)
+    local_workers: int = doc("executor local: worker processes (0: one per core this process may use)", 0)
     max_task_retries: int = doc("retries of a failed shard task", 3)
     progress: bool = doc("show a progress bar", True)
+
+    def validate(self) -> None:
+        require(self.executor in EXECUTORS, "runtime.executor", f"must be one of {', '.join(EXECUTORS)}")
+        require(self.local_workers >= 0, "runtime.local_workers", "must be >= 0")
+        require(self.max_task_retries >= 0, "runtime.max_task_retries", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -250,10 +261,10 @@ def check_out_location(plan: IngestPlan) -> None:
 
 
 def _ingest_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions,
-                cpu: threading.Semaphore) -> dict:
+                cpu: threading.Semaphore, connections: ConnectionPool | None) -> dict:
     if row["skip_reason"]:
         return {"status": "skipped", "reason": row["skip_reason"], "attempts": 0}
-    fetched = fetch(row["url"], fetch_opts)
+    fetched = fetch(row["url"], fetch_opts, connections)
     if fetched.data is None:
         return {"status": "failed", "reason": fetched.reason, "attempts": fetched.attempts}
     with cpu:  # downloads overlap; decoding stays on the one core the task was given
@@ -263,10 +274,14 @@ def _ingest_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions,
     return {"status": "ok", "reason": "", "image": image, "attempts": fetched.attempts}
 
 
-def process_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, cpu: threading.Semaphore) -> dict:
-    """One row never stops a shard: any exception becomes the row's recorded reason."""
+def process_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, cpu: threading.Semaphore,
+                connections: ConnectionPool | None = None) -> dict:
+    """One row never stops a shard: any exception becomes the row's recorded reason.
+
+    connections: the task's keep-alive pool (None: a new connection per request).
+    """
     try:
-        return _ingest_row(row, fetch_opts, image_opts, cpu)
+        return _ingest_row(row, fetch_opts, image_opts, cpu, connections)
     except Exception as exc:  # a bug or a library surprise on one hostile row; recorded, logged, not hidden
         log.warning("internal_error on row %s (%s): %s: %s", row["source_row"], row["url"], type(exc).__name__, exc)
         return {"status": "failed", "reason": f"internal_error:{type(exc).__name__}", "attempts": 1}
@@ -297,8 +312,10 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     outcomes = [{"status": "skipped", "reason": r["skip_reason"], "attempts": 0} if r["skip_reason"] else None
                 for r in rows]
     todo = [i for i, outcome in enumerate(outcomes) if outcome is None]  # skipped rows never cost a thread hop
-    with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
-        for i, outcome in zip(todo, pool.map(lambda i: process_row(rows[i], fetch_opts, image_opts, cpu), todo)):
+    with ConnectionPool(max_idle=cfg.fetch.threads) as connections, \
+            ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
+        for i, outcome in zip(todo, pool.map(lambda i: process_row(rows[i], fetch_opts, image_opts, cpu, connections),
+                                             todo)):
             outcomes[i] = outcome
 
     samples = []

@@ -39,7 +39,6 @@ datasets need the default fork start method (the store is per process).
 
 from __future__ import annotations
 
-import ctypes
 import heapq
 import itertools
 import logging
@@ -56,7 +55,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline import ALLOCATOR_ENV
+from data_pipeline import ALLOCATOR_ENV, apply_allocator_settings
 from data_pipeline import dataset as ds
 from data_pipeline.transforms import create_eval_transform, decode_and_transform
 
@@ -300,21 +299,8 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Loader worker start: the allocator settings (`ALLOCATOR_ENV`) applied at runtime in the worker.
-
-    The MALLOC_* variables are read by glibc at process start, so for forked workers the same
-    effect is applied with mallopt; Pillow's block cache is set through its API.
-    """
-    for name, value in ALLOCATOR_ENV.items():
-        os.environ.setdefault(name, value)
-    Image.core.set_blocks_max(int(os.environ["PILLOW_BLOCKS_MAX"]))
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))
-    libc.mallopt(M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
+    """Loader worker start: the allocator settings (`ALLOCATOR_ENV`) applied in the forked worker."""
+    apply_allocator_settings()
 
 
 class Loader:

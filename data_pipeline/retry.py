@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline import dataset, detection
 from data_pipeline.config import ConfigError
-from data_pipeline.fetch import is_transient
+from data_pipeline.fetch import ConnectionPool, is_transient
 from data_pipeline.ingest import PART_META_KEY, IngestConfig, json_value, process_row, summary_table
 
 
@@ -55,9 +55,10 @@ def _retry_part(out_url: str, part_url: str, index: pa.Table, mask: np.ndarray, 
     image_opts = cfg.image_options()
     cpu = threading.Semaphore(1)
     todo = [dict(rows[i], skip_reason=None) for i in np.flatnonzero(mask)]
-    with ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="retry") as pool:
+    with ConnectionPool(max_idle=cfg.fetch.threads) as connections, \
+            ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="retry") as pool:
         outcomes = dict(zip(np.flatnonzero(mask).tolist(),
-                            pool.map(lambda r: process_row(r, fetch_opts, image_opts, cpu), todo)))
+                            pool.map(lambda r: process_row(r, fetch_opts, image_opts, cpu, connections), todo)))
 
     shard_url = dataset.join(out_url, dataset.SHARDS_DIR, old_shard.name) if old_shard else None
     stored = {s["__key__"]: s for s in dataset.iter_shard(shard_url)} if shard_url else {}

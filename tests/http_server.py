@@ -10,7 +10,9 @@
         server.url("/a.jpg")                                       # http://127.0.0.1:PORT/a.jpg
 
 Unregistered paths answer 404; `status=500` etc. answer that status. `server.hits[path]` counts
-requests. `LoopbackServer(ssl_context=ctx)` serves HTTPS. Reused by bench/ingest.py (import it
+requests, `server.connections` accepted connections. `LoopbackServer(ssl_context=ctx)` serves
+HTTPS; `LoopbackServer(keep_alive=True)` keeps connections open between requests as web servers
+do (`hang_up=True` on a route: close after its response without saying so, like an idle timeout). Reused by bench/ingest.py (import it
 with `tests/` on sys.path) and simulations.
 """
 
@@ -34,11 +36,18 @@ class Route:
     content_type: str = "image/jpeg"
     fail_first: int = 0           # answer `fail_status` to the first N requests
     fail_status: int = 503
+    hang_up: bool = False         # keep-alive server: close after this response without a Connection header
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as web servers do: a keep-alive response is not held back
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
 
     def log_message(self, format: str, *args) -> None:  # keep test output quiet
         return
@@ -60,7 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in route.headers.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 self.send_header(name, item)
-        self.send_header("Connection", "close")
+        if not self.server.keep_alive:
+            self.send_header("Connection", "close")
+        if route.endless or route.hang_up:
+            self.close_connection = True
         if route.endless:
             self.end_headers()
             chunk = b"\0" * 65536
@@ -85,8 +97,11 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # failed TLS handshakes are test cases here
         return
 
-    def __init__(self, ssl_context=None):
+    def __init__(self, ssl_context=None, keep_alive: bool = False):
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.keep_alive = keep_alive
+        self.connections = 0
+        self.lock = threading.Lock()
         if ssl_context is not None:
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True)
         self.routes: dict[str, Route] = {}
@@ -97,8 +112,9 @@ class _Server(ThreadingHTTPServer):
 class LoopbackServer:
     """A ThreadingHTTPServer on 127.0.0.1 serving registered payloads; a context manager."""
 
-    def __init__(self, ssl_context=None):
-        self._server = _Server(ssl_context)
+    def __init__(self, ssl_context=None, keep_alive: bool = False):
+        self._server = _Server(ssl_context, keep_alive)
+        self.ssl_context = ssl_context
         self.scheme = "https" if ssl_context is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -109,6 +125,10 @@ class LoopbackServer:
     @property
     def hits(self) -> Counter:
         return self._server.hits
+
+    @property
+    def connections(self) -> int:
+        return self._server.connections
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from data_pipeline.config import ConfigError
-from data_pipeline.fetch import FetchOptions, fetch, opted_out
+from data_pipeline.fetch import ConnectionPool, FetchOptions, fetch, opted_out
 from data_pipeline.netpolicy import NetworkPolicy
 from tests.conftest import free_port
 
@@ -123,3 +123,65 @@ def test_concurrent_fetches_share_nothing(server):
     for t in threads:
         t.join()
     assert results == [b"IMAGE"] * 16
+
+
+# ---- keep-alive connections ---------------------------------------------------------------------
+
+@pytest.fixture()
+def keep_alive_server():
+    from tests.http_server import LoopbackServer
+
+    with LoopbackServer(keep_alive=True) as s:
+        for i in range(6):
+            s.add(f"/k{i}.jpg", f"IMAGE{i}".encode())
+        s.add("/bye.jpg", b"LAST", hang_up=True)
+        s.add("/gone", status=404)
+        yield s
+
+
+def test_a_pool_reuses_one_connection_per_host(keep_alive_server):
+    s = keep_alive_server
+    with ConnectionPool() as pool:
+        bodies = [fetch(s.url(f"/k{i}.jpg"), opts(), pool).data for i in range(6)]
+        assert bodies == [f"IMAGE{i}".encode() for i in range(6)]
+        assert s.connections == 1 and pool.reused == 5
+    for i in range(3):  # without a pool every request has its own connection
+        assert fetch(s.url(f"/k{i}.jpg"), opts()).data == f"IMAGE{i}".encode()
+    assert s.connections == 4
+
+
+def test_a_connection_closed_by_the_server_is_not_an_error(keep_alive_server):
+    s = keep_alive_server
+    with ConnectionPool() as pool:
+        assert fetch(s.url("/bye.jpg"), opts(), pool).data == b"LAST"  # the server hangs up silently after it
+        time.sleep(0.05)
+        result = fetch(s.url("/k0.jpg"), opts(retries=0), pool)
+        assert result.data == b"IMAGE0" and result.attempts == 1
+        assert s.connections == 2
+
+
+def test_only_a_clean_200_gives_its_connection_back(keep_alive_server, http_server):
+    s = keep_alive_server
+    with ConnectionPool() as pool:
+        assert fetch(s.url("/gone"), opts(), pool).reason == "http_404"  # body unread: closed, not reused
+        assert fetch(s.url("/k0.jpg"), opts(), pool).data == b"IMAGE0"
+        assert s.connections == 2 and pool.reused == 0
+        http_server.add("/closing.jpg", b"CLOSE")  # answers with Connection: close
+        before = http_server.connections
+        for _ in range(3):
+            assert fetch(http_server.url("/closing.jpg"), opts(), pool).data == b"CLOSE"
+        assert http_server.connections == before + 3 and pool.reused == 0
+
+
+def test_a_connection_serves_only_its_host_and_a_checked_address(keep_alive_server):
+    s = keep_alive_server
+    both = NetworkPolicy.from_cidrs(["127.0.0.0/8", "::1/128"])
+    with ConnectionPool() as pool:
+        assert fetch(s.url("/k0.jpg"), opts(policy=both), pool).data == b"IMAGE0"
+        # same address, another name: a TLS connection is bound to its name, so no host borrows one
+        assert fetch(f"http://localhost:{s.port}/k1.jpg", opts(policy=both), pool).data == b"IMAGE1"
+        assert s.connections == 2 and pool.reused == 0
+        # an idle connection is handed out only to an address the caller has just checked
+        key = ("http", "127.0.0.1", s.port, None)
+        assert pool.take(key, [ipaddress.ip_address("127.0.0.2")]) is None
+        assert pool.take(key, [ipaddress.ip_address("127.0.0.1")]) is None  # the stale one was closed, not kept

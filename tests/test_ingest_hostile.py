@@ -18,7 +18,7 @@ from PIL import Image
 from cluster.cli import main
 from data_pipeline import ingest as ingest_module
 from data_pipeline.config import ConfigError, replace
-from data_pipeline.fetch import FetchOptions, clean_url, fetch
+from data_pipeline.fetch import ConnectionPool, FetchOptions, clean_url, fetch
 from data_pipeline.image import ImageOptions, plain_jpeg, process_image
 from data_pipeline.ingest import IngestConfig
 from data_pipeline.shard_plan import url_skips
@@ -261,6 +261,23 @@ def test_https_connects_to_the_checked_ip_and_verifies_the_host(tls):
         assert get(name).reason == "tls_error", name
     assert fetch(f"https://localhost:{servers['good'].port}/img.jpg",
                  FetchOptions(ca_file=ca_file, retries=0)).reason == "blocked_address"
+
+
+def test_https_keep_alive_reuses_a_verified_connection_only(tls):
+    ca_file, servers = tls
+    good = LoopbackServer(ssl_context=servers["good"].ssl_context, keep_alive=True).start()
+    try:
+        good.add("/img.jpg", b"SECURE")
+        with ConnectionPool() as pool:
+            for _ in range(3):  # one handshake, then the verified connection serves the host again
+                assert fetch(f"https://localhost:{good.port}/img.jpg", opts(ca_file=ca_file), pool).data == b"SECURE"
+            assert good.connections == 1 and pool.reused == 2
+            for _ in range(2):  # a failed verification leaves nothing in the pool to reuse
+                assert fetch(f"https://localhost:{servers['wrong_name'].port}/img.jpg", opts(ca_file=ca_file),
+                             pool).reason == "tls_error"
+            assert pool.reused == 2
+    finally:
+        good.stop()
 
 
 # ---- images -----------------------------------------------------------------------------------

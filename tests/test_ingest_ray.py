@@ -1,4 +1,5 @@
-"""The Ray runner and the CLI: task per shard, worker SIGKILL retried, driver SIGKILL resumed.
+"""The Ray runner, the local process runner and the CLI: task per shard, worker SIGKILL retried,
+driver SIGKILL resumed (and its local workers gone with it).
 
 Every run must end byte-identical to the plain (no Ray) run of the same plan: shards, index
 parts, classes.parquet, manifest.json and _info.json.
@@ -18,9 +19,9 @@ import pytest
 import ray
 
 from cluster.cli import main as cli_main
-from cluster.ingest_runner import run_ingest
-from data_pipeline.config import replace
-from data_pipeline.ingest import IngestConfig, finalize, plan_shards, write_shard
+from cluster.ingest_runner import run_ingest, uses_ray
+from data_pipeline.config import ConfigError, replace
+from data_pipeline.ingest import IngestConfig, IngestError, finalize, plan_shards, write_shard
 from tests.conftest import solid_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,65 @@ def task_worker_pids() -> list[int]:
     return pids
 
 
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_executor_choice(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not uses_ray(CFG)  # one machine, no cluster given: local processes, no Ray to start
+    assert uses_ray(replace(CFG, ["runtime.ray_address=ray://head:10001"]))
+    assert uses_ray(replace(CFG, ["runtime.executor=ray"]))
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert uses_ray(CFG) and not uses_ray(replace(CFG, ["runtime.executor=local"]))
+    with pytest.raises(ConfigError, match="runtime.executor: must be one of auto, ray, local"):
+        replace(CFG, ["runtime.executor=threads"])
+
+
+def test_local_run_equals_plain_run_and_survives_worker_sigkill(slow_source, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    source, reference = slow_source
+    killed = []
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if (tmp_path / "out" / "index").is_dir():  # planned, tasks running: kill a busy worker
+                pids = child_pids(os.getpid())
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    manifest = run_ingest(source, str(tmp_path / "out"), replace(CFG, ["runtime.executor=local"]))
+    killer.join()
+    assert killed, "no local worker was running to kill"
+    assert not ray.is_initialized()
+    assert manifest["totals"]["train"]["rows"] == NUM_ROWS and manifest["totals"]["train"]["ok"] == NUM_ROWS - 1
+    assert_identical(reference, tmp_path / "out")
+
+
+def test_local_task_failing_every_time_stops_the_run_naming_its_shard(slow_source, tmp_path):
+    source, _ = slow_source
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shards").write_text("a file where the shard folder belongs")  # every shard write: OSError
+    cfg = replace(CFG, ["runtime.executor=local", "runtime.max_task_retries=1"])
+    with pytest.raises(IngestError, match=r"shard task \d+ \(.*train-\d+.tar\) failed 2 times; last: \w*Error"):
+        run_ingest(source, str(out), cfg)
+
+
 def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_source, tmp_path):
     source, reference = slow_source
     killed = []
@@ -118,8 +178,14 @@ def test_cli_resumes_after_driver_sigkill_byte_identical(slow_source, tmp_path, 
     while time.monotonic() < deadline and not list((out / "index").glob("part-*.parquet")):
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.05)
+    workers = child_pids(proc.pid)
+    assert workers, "the local executor's workers should be children of the command"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the killed driver"
     committed = len(list((out / "index").glob("part-*.parquet")))
     assert 1 <= committed < NUM_ROWS // 4 and not (out / "manifest.json").exists()
 

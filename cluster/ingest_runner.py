@@ -122,6 +122,7 @@ def _local_worker_start() -> None:
 
 
 def local_workers(cfg: IngestConfig) -> int:
+    """Processes of the local executor: `runtime.local_workers`, or one per core this process may use."""
     return cfg.runtime.local_workers or len(os.sched_getaffinity(0))
 
 

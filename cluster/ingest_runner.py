@@ -14,6 +14,7 @@ inside the task, so a re-run after any crash resumes where the last one stopped.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
@@ -25,10 +26,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
-import ray
 from tqdm import tqdm
 
-from cluster.runtime import ray_session
 from data_pipeline import apply_allocator_settings
 from data_pipeline.ingest import (IngestConfig, IngestError, IngestPlan, ShardResult, check_out_location, finalize,
                                   fold_class_counts, plan_shards, summary_table, write_shard)
@@ -36,11 +35,21 @@ from data_pipeline.report import write_report
 
 log = logging.getLogger(__name__)
 
+# Ray is imported only on the Ray path: a one-machine run on the local executor never pays for it.
 
-@ray.remote(num_cpus=1)
+
 def _write_shard_task(task, cfg: IngestConfig) -> tuple[ShardResult, str]:
     """One shard, and the Ray node that wrote it (for the per-node count printed at the end)."""
+    import ray
+
     return write_shard(task, cfg), ray.get_runtime_context().get_node_id()
+
+
+@functools.cache
+def _remote_write_shard():
+    import ray
+
+    return ray.remote(num_cpus=1)(_write_shard_task)
 
 
 class _Progress:
@@ -72,7 +81,10 @@ def run_plan(plan: IngestPlan, cfg: IngestConfig, nodes: Counter | None = None) 
     nodes: counts the tasks that completed on each Ray node (by node id). A task whose node dies is
     retried elsewhere by Ray (worker and node deaths count against runtime.max_task_retries).
     """
-    remote = _write_shard_task.options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])  # transient storage errors; worker deaths are always retried
+    import ray
+
+    # retried: transient storage errors (OSError); worker and node deaths always
+    remote = _remote_write_shard().options(max_retries=cfg.runtime.max_task_retries, retry_exceptions=[OSError])
     cfg_ref = ray.put(cfg)
     class_counts = np.zeros(len(plan.class_names), dtype=np.int64)
     max_in_flight = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
@@ -108,7 +120,8 @@ def uses_ray(cfg: IngestConfig) -> bool:
     """Whether `runtime.executor` (auto: a cluster address or a running Ray) sends the tasks to Ray."""
     if cfg.runtime.executor != "auto":
         return cfg.runtime.executor == "ray"
-    return bool(cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    ray = sys.modules.get("ray")  # not imported: certainly not initialised
+    return bool(cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS") or (ray and ray.is_initialized()))
 
 
 def _local_worker_start() -> None:
@@ -220,6 +233,8 @@ def run_ingest(source_url: str, out_url: str, cfg: IngestConfig) -> dict:
         raise
     nodes: Counter = Counter()
     if pool is None:
+        from cluster.runtime import ray_session
+
         with ray_session(cfg.runtime.ray_address, log_to_driver=False, dashboard=False):
             results, class_counts = run_plan(plan, cfg, nodes)
     else:

@@ -71,31 +71,45 @@ def assert_identical(a: Path, b: Path) -> None:
         assert files_a[name] == files_b[name], name
 
 
-def task_worker_pids() -> list[int]:
-    """Ray workers currently running a shard task (Ray sets their process title)."""
+def pids_where(match) -> list[int]:
+    """Live processes whose /proc entry satisfies `match` (one that ends while we look is skipped)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                if match(entry):
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if cmdline.startswith(b"ray::_write_shard_task"):
-                pids.append(int(entry.name))
     return pids
+
+
+def task_worker_pids() -> list[int]:
+    """Ray workers currently running a shard task (Ray sets their process title)."""
+    return pids_where(lambda entry: (entry / "cmdline").read_bytes().startswith(b"ray::_write_shard_task"))
 
 
 def child_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(entry.name))
-    return pids
+    """Processes whose parent is `parent` ("pid (comm) state ppid ...": split after the last ')')."""
+    return pids_where(lambda entry: int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent)
+
+
+def kill_first(find, timeout_s: float) -> tuple[threading.Thread, list[int]]:
+    """A started thread that SIGKILLs the first pid `find()` returns, once, and the list of what it killed."""
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not killed:
+            pids = find()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, killed
 
 
 def test_executor_choice(monkeypatch):
@@ -112,20 +126,8 @@ def test_executor_choice(monkeypatch):
 def test_local_run_equals_plain_run_and_survives_worker_sigkill(slow_source, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     source, reference = slow_source
-    killed = []
-
-    def kill_one_worker():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not killed:
-            if (tmp_path / "out" / "index").is_dir():  # planned, tasks running: kill a busy worker
-                pids = child_pids(os.getpid())
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_worker)
-    killer.start()
+    # once planned (index/ exists) the workers are busy with shard tasks: kill one of them
+    killer, killed = kill_first(lambda: child_pids(os.getpid()) if (tmp_path / "out" / "index").is_dir() else [], 60)
     manifest = run_ingest(source, str(tmp_path / "out"), replace(CFG, ["runtime.executor=local"]))
     killer.join()
     assert killed, "no local worker was running to kill"
@@ -146,19 +148,7 @@ def test_local_task_failing_every_time_stops_the_run_naming_its_shard(slow_sourc
 
 def test_ray_run_equals_plain_run_and_survives_worker_sigkill(local_ray, slow_source, tmp_path):
     source, reference = slow_source
-    killed = []
-
-    def kill_one_worker():
-        deadline = time.monotonic() + 180  # Ray start-up on a busy 2-core machine can take minutes
-        while time.monotonic() < deadline and not killed:
-            pids = task_worker_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_worker)
-    killer.start()
+    killer, killed = kill_first(task_worker_pids, 180)  # Ray start-up on a busy 2-core machine can take minutes
     manifest = run_ingest(source, str(tmp_path / "out"), CFG)
     killer.join()
     assert killed, "no shard task was running to kill"

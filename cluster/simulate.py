@@ -14,7 +14,7 @@
    JSON set of several objects per cluttered image, then `megaclass evaluate` of the detector (COCO mAP)
 
 Every stage is the real command in its own process, exactly as a user runs it. `--chaos` also
-SIGKILLs one ingestion task and one training worker mid-run; the report shows that ingestion
+SIGKILLs one ingestion worker and one training worker mid-run; the report shows that ingestion
 retried the task with every row accounted for and that training resumed from its last checkpoint
 and reached its final step.
 
@@ -76,7 +76,7 @@ class SimulationConfig:
     finetune_config: str = doc("finetune YAML ('' = the embedded simulate-finetune.yaml)", "")
     pretrain_overrides: list[str] = doc("extra --set overrides for pretrain", [])
     finetune_overrides: list[str] = doc("extra --set overrides for finetune", [])
-    chaos: bool = doc("kill one ingestion task and one training worker mid-run (with nodes > 1: the second node)",
+    chaos: bool = doc("kill one ingestion worker and one training worker mid-run (with nodes > 1: the second node)",
                       False)
     detection: bool = doc("add the detection stages (finetune --task detection, evaluate with COCO mAP)", False)
     detection_config: str = doc("detection finetune YAML ('' = the embedded simulate-detection.yaml)", "")

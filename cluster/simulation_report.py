@@ -112,7 +112,7 @@ def build_report(sim: "Simulation", total_s: float) -> dict:
         checks["detector trained and evaluated (COCO mAP reported)"] = report["detection"]["map"] is not None
     if report["chaos"]:
         killed = {name: bool(c["killed"]) for name, c in report["chaos"].items()}
-        what = "the second Ray node" if sim.cfg.nodes > 1 else "an ingestion task"
+        what = "the second Ray node" if sim.cfg.nodes > 1 else "an ingestion worker"
         checks[f"chaos: {what} was killed and ingestion retried its tasks"] = killed.get("ingest", False) \
             and ingest["balanced"]
         what = "the second Ray node" if sim.cfg.nodes > 1 else "a training worker"

@@ -4,8 +4,9 @@
     .venv/bin/python bench/ingest.py --num-images 500 --skip-img2dataset
 
 1. Makes N web-like JPEGs (500x375 .. 1024x768, ~100 kB at q90: smooth noise + gradients, so they
-   compress like photos) under .bench/ingest/, cached between runs, and serves them over HTTP on
-   127.0.0.1 from a separate process; both downloaders get the same server and all the cores.
+   compress like photos) under .bench/ingest/, cached between runs, and serves them over HTTP/1.1
+   keep-alive (`--no-keep-alive`: HTTP/1.0, a connection per request) on 127.0.0.1 from a
+   separate process; both downloaders get the same server and all the cores.
 2. Ceiling: the same bytes decoded with PIL draft mode, resized to shorter side 256 and encoded
    at q90, on one core, no I/O (x cores: what the machine could do with free downloads).
 3. Cold, as a user runs each, alternated `--repeats` times: `megaclass ingest urls.parquet OUT`
@@ -16,7 +17,8 @@
    `--set runtime.executor=ray` (a local Ray started and stopped by the command).
 4. Steady state, reported separately: megaclass on an already started Ray with warm workers;
    img2dataset from its own per-shard stats (successes / (last end - first start)).
-   The server's CPU per stored image is printed for both (keep-alive vs a connection per image).
+   The server's CPU per stored image is printed for both (keep-alive vs a connection per image),
+   and each downloader's own CPU per stored image (what a remote web would leave on these cores).
 5. Memory: an endless response fetched with the default cap; peak RSS must stay far below it.
 img2dataset lives in its own venv (.bench/img2dataset-venv; the `bench` extra names it), so its
 dependencies never touch this one.
@@ -209,18 +211,27 @@ def endless_peak_rss_mb(server: LoopbackServer) -> tuple[str, float, float]:
     return result.reason, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def children_cpu_seconds() -> float:
+    """CPU seconds of every finished (waited-for) child process and its own waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (the server's share of the cores)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve_images(core: int | None) -> tuple[subprocess.Popen, str]:
-    """The image files over HTTP/1.1 keep-alive, as web servers answer, from a separate process
-    (pinned to `core` if given); both downloaders get the same server."""
-    code = ("import sys, time\nfrom cluster.webserver import StaticServer\n"
+def serve_images(core: int | None, keep_alive: bool = True) -> tuple[subprocess.Popen, str]:
+    """The image files over HTTP/1.1 keep-alive, as web servers answer (or HTTP/1.0, a connection
+    per request), from a separate process (pinned to `core` if given); both downloaders get the
+    same server."""
+    code = ("import sys, time\nfrom cluster.webserver import StaticServer, _QuietHandler\n"
+            "_QuietHandler.protocol_version = sys.argv[2]\n"
             "server = StaticServer(sys.argv[1]).__enter__()\nprint(server.base_url, flush=True)\ntime.sleep(1e9)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(WORK / "images")], stdout=subprocess.PIPE, text=True,
+    protocol = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(WORK / "images"), protocol], stdout=subprocess.PIPE, text=True,
                             cwd=ROOT, preexec_fn=None if core is None else lambda: os.sched_setaffinity(0, {core}))
     return proc, proc.stdout.readline().strip()
 
@@ -230,6 +241,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=1, help="cold runs of each downloader, alternated (medians)")
     parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--no-keep-alive", action="store_true", help="the server closes every connection (HTTP/1.0)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
 
@@ -244,19 +256,22 @@ def main() -> None:
         reason, rss_before, rss_after = endless_peak_rss_mb(server)
     print(f"endless response: {reason}; peak RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     binary = None if args.skip_img2dataset else install_img2dataset()
-    server_proc, base_url = serve_images(None)
-    cold, i2d, ratios, server_ms = [], [], [], {"megaclass": [], "img2dataset": []}
+    server_proc, base_url = serve_images(None, keep_alive=not args.no_keep_alive)
+    cold, i2d, ratios = [], [], []
+    server_ms, client_ms = {"megaclass": [], "img2dataset": []}, {"megaclass": [], "img2dataset": []}
     try:
         urls = [f"{base_url}/{i:06d}.jpg" for i in range(len(data))]
         for repeat in range(args.repeats):
-            server_cpu = cpu_seconds(server_proc.pid)
+            server_cpu, client_cpu = cpu_seconds(server_proc.pid), children_cpu_seconds()
             cold.append(run_megaclass_cold(urls, cores))
             server_ms["megaclass"].append((cpu_seconds(server_proc.pid) - server_cpu) / max(cold[-1][1], 1) * 1000)
+            client_ms["megaclass"].append((children_cpu_seconds() - client_cpu) / max(cold[-1][1], 1) * 1000)
             print(f"[{repeat + 1}] megaclass cold: {cold[-1][1]} ok in {cold[-1][0]:.1f} s wall", flush=True)
             if binary is not None:
-                server_cpu = cpu_seconds(server_proc.pid)
+                server_cpu, client_cpu = cpu_seconds(server_proc.pid), children_cpu_seconds()
                 i2d.append(run_img2dataset(binary, urls, cores))
                 server_ms["img2dataset"].append((cpu_seconds(server_proc.pid) - server_cpu) / max(i2d[-1][1], 1) * 1000)
+                client_ms["img2dataset"].append((children_cpu_seconds() - client_cpu) / max(i2d[-1][1], 1) * 1000)
                 ratios.append(i2d[-1][0] / cold[-1][0])
                 print(f"[{repeat + 1}] img2dataset cold: {i2d[-1][1]} ok in {i2d[-1][0]:.1f} s wall; steady "
                       f"{i2d[-1][2]:.1f} images/s; megaclass = {ratios[-1]:.2f}x", flush=True)
@@ -287,6 +302,9 @@ def main() -> None:
         print("| img2dataset | not measured | - | - |")
     print("server CPU per stored image, cold runs (median): "
           + ", ".join(f"{k} {med(v):.2f} ms" for k, v in server_ms.items() if v))
+    # what a remote web would leave on these cores: each downloader's own CPU (all its processes)
+    print("downloader CPU per stored image, cold runs (median): "
+          + ", ".join(f"{k} {med(v):.2f} ms" for k, v in client_ms.items() if v))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ def start_local_pool(cfg: IngestConfig) -> ProcessPoolExecutor:
 
     Forked, not spawned: a worker costs milliseconds instead of an interpreter start and imports,
     and no caller needs an `if __name__ == "__main__"` guard. Forked before planning starts
-    Arrow's threads, so no lock of another thread is copied held.
+    Arrow's thread pool, so the only other threads copied are idle ones (numpy's OpenBLAS), whose
+    libraries reinitialise after a fork.
     """
     pool = ProcessPoolExecutor(local_workers(cfg), mp_context=multiprocessing.get_context("fork"),
                                initializer=_local_worker_start)

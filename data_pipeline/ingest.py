@@ -287,6 +287,15 @@ def process_row(row: dict, fetch_opts: FetchOptions, image_opts: ImageOptions, c
         return {"status": "failed", "reason": f"internal_error:{type(exc).__name__}", "attempts": 1}
 
 
+def process_rows(rows: list[dict], fetch_opts: FetchOptions, image_opts: ImageOptions, threads: int) -> list[dict]:
+    """`process_row` of each row, `threads` downloads at once sharing one keep-alive pool; decoding
+    takes one image at a time, so the task stays on the one core it was given."""
+    cpu = threading.Semaphore(1)
+    with ConnectionPool(max_idle=threads) as connections, \
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
+        return list(pool.map(lambda row: process_row(row, fetch_opts, image_opts, cpu, connections), rows))
+
+
 def json_value(value):
     """A kept source value as JSON can hold it (NaN -> null; dates, bytes, decimals -> text)."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -308,15 +317,11 @@ def write_shard(task: ShardTask, cfg: IngestConfig) -> ShardResult:
     rows = task.rows.to_pylist()
     fetch_opts = dataclasses.replace(cfg.fetch_options(), allow_schemes=task.schemes)
     image_opts = cfg.image_options()
-    cpu = threading.Semaphore(1)
     outcomes = [{"status": "skipped", "reason": r["skip_reason"], "attempts": 0} if r["skip_reason"] else None
                 for r in rows]
     todo = [i for i, outcome in enumerate(outcomes) if outcome is None]  # skipped rows never cost a thread hop
-    with ConnectionPool(max_idle=cfg.fetch.threads) as connections, \
-            ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="fetch") as pool:
-        for i, outcome in zip(todo, pool.map(lambda i: process_row(rows[i], fetch_opts, image_opts, cpu, connections),
-                                             todo)):
-            outcomes[i] = outcome
+    for i, outcome in zip(todo, process_rows([rows[i] for i in todo], fetch_opts, image_opts, cfg.fetch.threads)):
+        outcomes[i] = outcome
 
     samples = []
     records = {name: [] for name in dataset.INDEX_SCHEMA.names}

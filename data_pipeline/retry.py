@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -32,8 +30,8 @@ import pyarrow.parquet as pq
 
 from data_pipeline import dataset, detection
 from data_pipeline.config import ConfigError
-from data_pipeline.fetch import ConnectionPool, is_transient
-from data_pipeline.ingest import PART_META_KEY, IngestConfig, json_value, process_row, summary_table
+from data_pipeline.fetch import is_transient
+from data_pipeline.ingest import PART_META_KEY, IngestConfig, json_value, process_rows, summary_table
 
 
 def _transient_mask(index: pa.Table) -> np.ndarray:
@@ -53,12 +51,8 @@ def _retry_part(out_url: str, part_url: str, index: pa.Table, mask: np.ndarray, 
     old_shard = dataset.ShardRecord(**meta["shard"]) if meta.get("shard") else None
     fetch_opts = dataclasses.replace(cfg.fetch_options(), allow_schemes=schemes)
     image_opts = cfg.image_options()
-    cpu = threading.Semaphore(1)
     todo = [dict(rows[i], skip_reason=None) for i in np.flatnonzero(mask)]
-    with ConnectionPool(max_idle=cfg.fetch.threads) as connections, \
-            ThreadPoolExecutor(max_workers=cfg.fetch.threads, thread_name_prefix="retry") as pool:
-        outcomes = dict(zip(np.flatnonzero(mask).tolist(),
-                            pool.map(lambda r: process_row(r, fetch_opts, image_opts, cpu, connections), todo)))
+    outcomes = dict(zip(np.flatnonzero(mask).tolist(), process_rows(todo, fetch_opts, image_opts, cfg.fetch.threads)))
 
     shard_url = dataset.join(out_url, dataset.SHARDS_DIR, old_shard.name) if old_shard else None
     stored = {s["__key__"]: s for s in dataset.iter_shard(shard_url)} if shard_url else {}
